@@ -1,0 +1,8 @@
+"""A local inference engine for diffusion image models (SD 1.5, SDXL, FLUX.1, AuraSR) that speaks fal's protocol."""
+
+from . import errors
+from .api import Engine
+from .requests import GenerateRequest, Result
+
+__all__ = ["Engine", "GenerateRequest", "Result", "errors"]
+__version__ = "0.1.0"

@@ -1,0 +1,137 @@
+"""The Python API: `Engine.generate(...)` turns a typed request into images, loading and caching models on demand.
+
+Thread safety: models are loaded under a lock (two threads asking for the same model load it once), and jobs on one
+device run one at a time (a device lock), which is what a single GPU can do anyway. Validation happens before any
+lock, so bad input fails fast and never blocks other callers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import secrets
+import threading
+from typing import Any
+
+import torch
+
+from .errors import InvalidRequestError, ModelNotFoundError
+from .loading import LoadedModel, load_model
+from .pipelines.base import GenerationParams, StepCallback, TextToImagePipeline
+from .registry import registry
+from .requests import GenerateRequest, Result, parse_request
+from .runtime.device import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def _pipeline_class(path: str) -> type[TextToImagePipeline]:
+    module_name, cls_name = path.split(":")
+    return getattr(importlib.import_module(f"engine.pipelines.{module_name}"), cls_name)
+
+
+class _Slot:
+    """One loaded model placed on the engine's device, with its pipeline."""
+
+    def __init__(self, loaded: LoadedModel, device: torch.device):
+        for value in loaded.components.values():
+            if isinstance(value, torch.nn.Module):
+                value.to(device)
+        self.loaded = loaded
+        self.pipeline = _pipeline_class(loaded.family.pipeline)(loaded.components, device, loaded.pipeline_config)
+
+
+class Engine:
+    """Loads models by id or path and runs text-to-image jobs on one device."""
+
+    def __init__(self, device: str | torch.device = "auto", *, allow_pickle: bool = False):
+        self.device = resolve_device(device)
+        self.allow_pickle = allow_pickle
+        self._slots: dict[str, _Slot] = {}
+        self._load_lock = threading.Lock()
+        self._run_lock = threading.Lock()
+
+    # -- models -------------------------------------------------------------------------------------------------
+    def load(self, model: str, *, allow_pickle: bool | None = None) -> LoadedModel:
+        """Load `model` (registry id, folder, single file or hub id) unless already loaded; returns it."""
+        return self._slot(model, allow_pickle).loaded
+
+    def _slot(self, model: str, allow_pickle: bool | None = None) -> _Slot:
+        with self._load_lock:
+            slot = self._slots.get(model)
+            if slot is None:
+                pickle_ok = self.allow_pickle if allow_pickle is None else allow_pickle
+                loaded = load_model(model, allow_pickle=pickle_ok)
+                slot = _Slot(loaded, self.device)
+                self._slots[model] = slot
+            return slot
+
+    def unload(self, model: str) -> bool:
+        """Drop a loaded model (and free its memory); False if it was not loaded."""
+        with self._load_lock, self._run_lock:
+            slot = self._slots.pop(model, None)
+        if slot is None:
+            return False
+        del slot
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return True
+
+    def loaded_models(self) -> list[str]:
+        with self._load_lock:
+            return list(self._slots)
+
+    @staticmethod
+    def models() -> list[dict[str, Any]]:
+        """The registry: id, family, task, source, description and whether it is available offline."""
+        return [
+            {"id": s.id, "family": s.family, "task": s.family_spec.task, "source": s.source,
+             "description": s.description, "offline": s.available_offline()}
+            for s in registry().values()
+        ]
+
+    # -- text to image ------------------------------------------------------------------------------------------
+    def generate(self, request: GenerateRequest | None = None, *, step_callback: StepCallback | None = None,
+                 **kwargs: Any) -> Result:
+        """Generate images. Pass a `GenerateRequest` or its fields as keywords (model=..., prompt=..., ...)."""
+        if request is None:
+            request = parse_request(GenerateRequest, kwargs)
+        elif kwargs:
+            raise InvalidRequestError("request", "pass either a GenerateRequest or keyword fields, not both")
+        slot = self._slot(request.model)
+        params = self._resolve(request, slot.loaded)
+        with self._run_lock:
+            out = slot.pipeline(params, step_callback=step_callback)
+        return Result(images=out.images, seed=params.seed, timings=out.timings, model=request.model,
+                      width=params.width, height=params.height, num_inference_steps=params.num_inference_steps,
+                      guidance_scale=params.guidance_scale, prompt=params.prompt)
+
+    def _resolve(self, request: GenerateRequest, loaded: LoadedModel) -> GenerationParams:
+        """Fill defaults from the model's spec and check what depends on the family."""
+        d = loaded.spec.defaults
+        width = request.width if request.width is not None else d.width
+        height = request.height if request.height is not None else d.height
+        request.validate_for_family(loaded.family, width, height)
+        max_seq = request.max_sequence_length or d.max_sequence_length
+        if loaded.family.name == "flux":
+            limit = loaded.components["tokenizer_2"].model_max_length
+            max_seq = min(max_seq or 512, 512)
+            if request.max_sequence_length is not None and request.max_sequence_length > limit:
+                raise InvalidRequestError("max_sequence_length", f"{request.max_sequence_length} exceeds the T5 "
+                                          f"tokenizer's limit", f"1..{limit}")
+        seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
+        return GenerationParams(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            width=width,
+            height=height,
+            num_inference_steps=request.num_inference_steps or d.steps,
+            guidance_scale=request.guidance_scale if request.guidance_scale is not None else d.guidance_scale,
+            num_images=request.num_images,
+            seed=seed,
+            max_sequence_length=max_seq,
+            true_cfg_scale=request.true_cfg_scale,
+        )
+
+
+__all__ = ["Engine", "ModelNotFoundError"]

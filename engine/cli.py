@@ -1,0 +1,96 @@
+"""Command line: `engine generate`, `engine models`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .errors import EngineError
+
+
+def _output_paths(out: str, count: int) -> list[Path]:
+    """`out` may hold `{i}`; otherwise several images get `-0`, `-1`, ... before the suffix."""
+    if "{i}" in out:
+        return [Path(out.format(i=i)) for i in range(count)]
+    path = Path(out)
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(count)]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .api import Engine
+
+    engine = Engine(device=args.device, allow_pickle=args.allow_pickle)
+    fields = {
+        "model": args.model, "prompt": args.prompt, "negative_prompt": args.negative_prompt, "width": args.width,
+        "height": args.height, "num_inference_steps": args.steps, "guidance_scale": args.guidance_scale,
+        "num_images": args.num_images, "seed": args.seed, "max_sequence_length": args.max_sequence_length,
+    }
+    result = engine.generate(**{k: v for k, v in fields.items() if v is not None})
+    paths = _output_paths(args.out, len(result.images))
+    for image, path in zip(result.images, paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+    timings = ", ".join(f"{k} {v:.3f}s" for k, v in result.timings.items())
+    print(f"seed {result.seed}; {result.width}x{result.height}, {result.num_inference_steps} steps; {timings}")
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .api import Engine
+
+    rows = Engine.models()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = ("id", "family", "task", "offline", "source")
+    table = [header] + [(r["id"], r["family"], r["task"], "yes" if r["offline"] else "no", r["source"]) for r in rows]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="engine", description="Local inference engine for diffusion image models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="text to image")
+    gen.add_argument("--model", required=True, help="registry id (see `engine models`), diffusers folder, .safetensors file or hub id")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--steps", type=int, help="number of inference steps (default: the model's)")
+    gen.add_argument("--guidance-scale", type=float)
+    gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--max-sequence-length", type=int, help="FLUX: T5 tokens")
+    gen.add_argument("--out", default="out.png", help="output file, or a pattern with {i} for several images")
+    gen.add_argument("--device", default="auto")
+    gen.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints (.ckpt/.bin)")
+    gen.set_defaults(func=cmd_generate)
+
+    models = sub.add_parser("models", help="list registered models")
+    models.add_argument("--json", action="store_true")
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EngineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Resolve a `model` argument (registry id, diffusers folder, single file, hub id) to loaded components."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ModelNotFoundError
+from ..families import FamilySpec, get_family
+from ..registry import ModelSpec, find_spec, get_spec, registry
+from .pretrained import fetch_hub_model, folder_family, load_folder, read_model_index
+
+log = logging.getLogger(__name__)
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to build pipelines from: its family, components (on the CPU until placed), defaults."""
+
+    key: str
+    family: FamilySpec
+    components: dict[str, Any]
+    spec: ModelSpec  # the registry entry, or the family's reference entry for defaults when loaded from a path
+    source: str
+    pipeline_config: dict[str, Any] = field(default_factory=dict)
+
+
+def _quiet_progress_bars() -> None:
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _defaults_spec(family: FamilySpec, components: dict[str, Any]) -> ModelSpec:
+    """Defaults for a model given by path: those of the registry's reference model of its family."""
+    reference = {"sd15": "sd15", "sdxl": "sdxl", "flux": "flux-dev"}[family.name]
+    transformer = components.get("transformer")
+    if transformer is not None and not transformer.config.guidance_embeds:
+        reference = "flux-schnell"
+    return get_spec(reference)
+
+
+def _pipeline_config(folder: Path) -> dict[str, Any]:
+    index = read_model_index(folder)
+    return {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}
+
+
+def _from_folder(key: str, folder: Path, spec: ModelSpec | None, dtype: torch.dtype, allow_pickle: bool) -> LoadedModel:
+    family = folder_family(folder)
+    components = load_folder(folder, torch_dtype=dtype, allow_pickle=allow_pickle)
+    return LoadedModel(key=key, family=family, components=components,
+                       spec=spec or _defaults_spec(family, components), source=str(folder),
+                       pipeline_config=_pipeline_config(folder))
+
+
+def _from_single_file(key: str, path: Path, dtype: torch.dtype, allow_pickle: bool) -> LoadedModel:
+    from .single_file import load_single_file
+
+    family_name, components = load_single_file(path, allow_pickle=allow_pickle, torch_dtype=dtype)
+    family = get_family(family_name)
+    return LoadedModel(key=key, family=family, components=components, spec=_defaults_spec(family, components),
+                       source=str(path))
+
+
+def _spec_folder(spec: ModelSpec) -> Path:
+    if spec.is_tiny:
+        from .tiny import ensure_tiny_model
+
+        return ensure_tiny_model(spec.tiny_config or "")
+    return fetch_hub_model(spec.source)
+
+
+def load_model(model: str, *, torch_dtype: torch.dtype = torch.float32, allow_pickle: bool = False) -> LoadedModel:
+    """Load `model`: a registry id, a local diffusers folder, a single checkpoint file, or a hub id."""
+    _quiet_progress_bars()
+    spec = find_spec(model)
+    if spec is not None:
+        if spec.family_spec.task != "text-to-image":
+            raise ModelNotFoundError(model, f"is a {spec.family_spec.task} model; use Engine.upscale",
+                                     known=text_to_image_ids())
+        return _from_folder(model, _spec_folder(spec), spec, torch_dtype, allow_pickle)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return _from_folder(model, path.resolve(), None, torch_dtype, allow_pickle)
+    if path.is_file():
+        return _from_single_file(model, path.resolve(), torch_dtype, allow_pickle)
+    looks_like_path = model.startswith((".", "/", "~")) or model.endswith(SINGLE_FILE_SUFFIXES) or "\\" in model
+    if looks_like_path:
+        raise ModelNotFoundError(model, "no such file or folder", known=text_to_image_ids())
+    if HUB_ID.match(model):
+        folder = fetch_hub_model(model)
+        return _from_folder(model, folder, None, torch_dtype, allow_pickle)
+    raise ModelNotFoundError(model, "not a registered id, an existing path, or a hub id (owner/name)",
+                             known=text_to_image_ids())
+
+
+def text_to_image_ids() -> list[str]:
+    return sorted(k for k, s in registry().items() if s.family_spec.task == "text-to-image")

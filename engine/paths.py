@@ -1,0 +1,23 @@
+"""Where the engine finds its shipped configs and keeps its cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def configs_dir() -> Path:
+    """The `configs/` folder shipped beside the package (override: ENGINE_CONFIGS_DIR)."""
+    env = os.environ.get("ENGINE_CONFIGS_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def cache_dir() -> Path:
+    """Root of everything the engine writes (tiny models, compiled artifacts): ENGINE_CACHE_DIR or ~/.cache/engine."""
+    env = os.environ.get("ENGINE_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "engine"

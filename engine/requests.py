@@ -1,0 +1,111 @@
+"""Typed requests and results of the Python API. Static ranges are checked by pydantic; the checks that depend on
+the model (size multiple and range of its family, FLUX-only fields) by `validate_for_family`. Either way the caller
+gets an `InvalidRequestError` naming the field and the allowed values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import InvalidRequestError
+from .families import FamilySpec
+
+MAX_SEED = 2**63 - 1
+
+
+class GenerateRequest(BaseModel):
+    """Text-to-image arguments. Fields left as None take the model's defaults (registry)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(min_length=1, max_length=4096)
+    prompt: str = Field(max_length=20_000)
+    negative_prompt: str | None = Field(default=None, max_length=20_000)
+    width: int | None = Field(default=None, ge=1, le=16384)
+    height: int | None = Field(default=None, ge=1, le=16384)
+    num_inference_steps: int | None = Field(default=None, ge=1, le=150)
+    guidance_scale: float | None = Field(default=None, ge=0.0, le=100.0, allow_inf_nan=False)
+    num_images: int = Field(default=1, ge=1, le=8)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    max_sequence_length: int | None = Field(default=None, ge=1, le=512)
+    true_cfg_scale: float = Field(default=1.0, ge=1.0, le=100.0, allow_inf_nan=False)
+
+    @classmethod
+    def build(cls, **kwargs: Any) -> "GenerateRequest":
+        return parse_request(cls, kwargs)
+
+    def validate_for_family(self, family: FamilySpec, width: int, height: int) -> None:
+        m = family.size_multiple
+        allowed = f"multiples of {m} from {family.min_size} to {family.max_size}"
+        for name, value in (("width", width), ("height", height)):
+            if value % m != 0:
+                raise InvalidRequestError(name, f"{value} is not a multiple of {m} for {family.name}", allowed, value)
+            if not family.min_size <= value <= family.max_size:
+                raise InvalidRequestError(name, f"{value} is out of range for {family.name}", allowed, value)
+        if family.name != "flux":
+            for name in ("max_sequence_length",):
+                if getattr(self, name) is not None:
+                    raise InvalidRequestError(name, f"only applies to FLUX models, not {family.name}")
+            if self.true_cfg_scale != 1.0:
+                raise InvalidRequestError("true_cfg_scale", f"only applies to FLUX models; use guidance_scale for {family.name}")
+
+
+def _field_range(cls: type[BaseModel], name: str) -> str | None:
+    """The declared bounds of a field as "lo..hi" (or one side), for error messages."""
+    info = cls.model_fields.get(name)
+    if info is None:
+        return None
+    lo = hi = None
+    for m in info.metadata:
+        lo = getattr(m, "ge", lo) if getattr(m, "ge", None) is not None else lo
+        hi = getattr(m, "le", hi) if getattr(m, "le", None) is not None else hi
+        if getattr(m, "max_length", None) is not None:
+            return f"at most {m.max_length} characters"
+    if lo is not None and hi is not None:
+        return f"{lo}..{hi}"
+    if lo is not None:
+        return f">= {lo}"
+    if hi is not None:
+        return f"<= {hi}"
+    return None
+
+
+def invalid_from_validation(exc: ValidationError, cls: type[BaseModel] | None = None) -> InvalidRequestError:
+    """The first field error as an InvalidRequestError (all of them listed in the message)."""
+    errors = exc.errors()
+    first = errors[0]
+    name = ".".join(str(p) for p in first["loc"]) or "request"
+    message = first["msg"]
+    if len(errors) > 1:
+        others = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors[1:])
+        message += f" (also: {others})"
+    allowed = _field_range(cls, str(first["loc"][0])) if cls is not None and first["loc"] else None
+    err = InvalidRequestError(name, message, allowed, first.get("input"))
+    err.errors = errors  # type: ignore[attr-defined]
+    return err
+
+
+def parse_request(cls: type[BaseModel], data: dict[str, Any]) -> Any:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise invalid_from_validation(e, cls) from None
+
+
+@dataclass
+class Result:
+    """Images with the seed that made them and per-stage timings in seconds (encode, denoise, decode, total)."""
+
+    images: list[Image.Image]
+    seed: int
+    timings: dict[str, float]
+    model: str
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    prompt: str
+    extra: dict[str, Any] = field(default_factory=dict)
