@@ -29,6 +29,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "model": args.model, "prompt": args.prompt, "negative_prompt": args.negative_prompt, "width": args.width,
         "height": args.height, "num_inference_steps": args.steps, "guidance_scale": args.guidance_scale,
         "num_images": args.num_images, "seed": args.seed, "max_sequence_length": args.max_sequence_length,
+        "scheduler": args.scheduler,
     }
     result = engine.generate(**{k: v for k, v in fields.items() if v is not None})
     paths = _output_paths(args.out, len(result.images))
@@ -57,6 +58,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schedulers(args: argparse.Namespace) -> int:
+    from .schedulers import PRESETS
+
+    width = max(len(n) for n in PRESETS)
+    for name, preset in PRESETS.items():
+        print(f"{name.ljust(width)}  {'/'.join(preset.families):10}  {preset.description}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engine", description="Local inference engine for diffusion image models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--max-sequence-length", type=int, help="FLUX: T5 tokens")
+    gen.add_argument("--scheduler", help="scheduler preset (see `engine schedulers`); default: the model's")
     gen.add_argument("--out", default="out.png", help="output file, or a pattern with {i} for several images")
     gen.add_argument("--device", default="auto")
     gen.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints (.ckpt/.bin)")
@@ -80,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list registered models")
     models.add_argument("--json", action="store_true")
     models.set_defaults(func=cmd_models)
+
+    scheds = sub.add_parser("schedulers", help="list scheduler presets and the families they fit")
+    scheds.set_defaults(func=cmd_schedulers)
     return parser
 
 

@@ -32,6 +32,7 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     max_sequence_length: int | None = Field(default=None, ge=1, le=512)
     true_cfg_scale: float = Field(default=1.0, ge=1.0, le=100.0, allow_inf_nan=False)
+    scheduler: str | None = Field(default=None, max_length=64)  # a preset name (engine.schedulers); None: the model's
 
     @classmethod
     def build(cls, **kwargs: Any) -> "GenerateRequest":

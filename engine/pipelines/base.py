@@ -41,6 +41,7 @@ class GenerationParams:
     seed: int
     max_sequence_length: int | None = None
     true_cfg_scale: float = 1.0
+    scheduler: str | None = None  # preset name; None keeps the model's own scheduler
 
 
 @dataclass
@@ -81,8 +82,13 @@ def draw_noise(shape: tuple[int, ...], generator: torch.Generator, device: torch
     return torch.randn(shape, generator=generator, device="cpu", dtype=dtype).to(device)
 
 
-def fresh_scheduler(scheduler: Any) -> Any:
-    """A new scheduler with the same config: per-call state (step index, sigmas) never leaks between jobs."""
+def fresh_scheduler(scheduler: Any, preset: str | None = None, family: str = "") -> Any:
+    """A new scheduler per call (the model's, or a named preset built from its config), so per-call state (step
+    index, sigmas) never leaks between jobs."""
+    if preset is not None:
+        from ..schedulers import build_scheduler
+
+        return build_scheduler(preset, family, scheduler.config)
     return type(scheduler).from_config(scheduler.config)
 
 
@@ -119,6 +125,8 @@ def module_dtype(module: torch.nn.Module) -> torch.dtype:
 
 class TextToImagePipeline:
     """Base of the family pipelines: holds the components and runs the three stages with timings."""
+
+    family = ""
 
     def __init__(self, components: dict[str, Any], device: torch.device, config: dict[str, Any] | None = None):
         self.components = components

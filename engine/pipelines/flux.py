@@ -55,6 +55,8 @@ def latent_image_ids(h2: int, w2: int, device: torch.device, dtype: torch.dtype)
 
 
 class FluxEnginePipeline(TextToImagePipeline):
+    family = "flux"
+
     def __init__(self, components: dict[str, Any], device: torch.device, config: dict[str, Any] | None = None):
         super().__init__(components, device, config)
         self.transformer = components["transformer"]
@@ -97,7 +99,7 @@ class FluxEnginePipeline(TextToImagePipeline):
         latents = pack_latents(draw_noise((n, channels, h, w), generator, self.device, dtype))
         img_ids = latent_image_ids(h // 2, w // 2, self.device, dtype)
 
-        scheduler = fresh_scheduler(self.scheduler)
+        scheduler = fresh_scheduler(self.scheduler, params.scheduler, self.family)
         steps = params.num_inference_steps
         sigmas = None if getattr(scheduler.config, "use_flow_sigmas", False) else np.linspace(1.0, 1 / steps, steps)
         mu = calculate_shift(latents.shape[1], scheduler.config.get("base_image_seq_len", 256),

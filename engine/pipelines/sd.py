@@ -39,6 +39,8 @@ def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int, dtype: torch.d
 class StableDiffusionEnginePipeline(TextToImagePipeline):
     """SD 1.5 (and the shared UNet denoising loop that SDXL reuses)."""
 
+    family = "sd15"
+
     def __init__(self, components: dict[str, Any], device: torch.device, config: dict[str, Any] | None = None):
         super().__init__(components, device, config)
         self.unet = components["unet"]
@@ -73,7 +75,7 @@ class StableDiffusionEnginePipeline(TextToImagePipeline):
 
     def denoise(self, params: GenerationParams, cond: dict[str, Any], generator: torch.Generator,
                 step_callback: StepCallback | None) -> torch.Tensor:
-        scheduler = fresh_scheduler(self.scheduler)
+        scheduler = fresh_scheduler(self.scheduler, params.scheduler, self.family)
         scheduler.set_timesteps(params.num_inference_steps, device=self.device)
         timesteps = scheduler.timesteps
         if hasattr(scheduler, "set_begin_index"):
@@ -123,6 +125,8 @@ class StableDiffusionEnginePipeline(TextToImagePipeline):
 
 class StableDiffusionXLEnginePipeline(StableDiffusionEnginePipeline):
     """SDXL: two text encoders (penultimate hidden states concatenated), pooled embeds and size time ids."""
+
+    family = "sdxl"
 
     def __init__(self, components: dict[str, Any], device: torch.device, config: dict[str, Any] | None = None):
         super().__init__(components, device, config)
