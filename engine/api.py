@@ -53,16 +53,20 @@ class Engine:
         self._run_lock = threading.Lock()
 
     # -- models -------------------------------------------------------------------------------------------------
-    def load(self, model: str, *, allow_pickle: bool | None = None) -> LoadedModel:
-        """Load `model` (registry id, folder, single file or hub id) unless already loaded; returns it."""
-        return self._slot(model, allow_pickle).loaded
+    def load(self, model: str, *, allow_pickle: bool | None = None, config: str | None = None) -> LoadedModel:
+        """Load `model` (registry id, folder, single file or hub id) unless already loaded; returns it.
 
-    def _slot(self, model: str, allow_pickle: bool | None = None) -> _Slot:
+        `config`: for a single file whose architecture matches no shipped config, a registry id or diffusers
+        folder that describes it. Later `generate(model=...)` calls use the loaded model.
+        """
+        return self._slot(model, allow_pickle, config).loaded
+
+    def _slot(self, model: str, allow_pickle: bool | None = None, config: str | None = None) -> _Slot:
         with self._load_lock:
             slot = self._slots.get(model)
             if slot is None:
                 pickle_ok = self.allow_pickle if allow_pickle is None else allow_pickle
-                loaded = load_model(model, allow_pickle=pickle_ok)
+                loaded = load_model(model, allow_pickle=pickle_ok, config=config)
                 slot = _Slot(loaded, self.device)
                 self._slots[model] = slot
             return slot

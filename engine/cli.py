@@ -25,6 +25,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .api import Engine
 
     engine = Engine(device=args.device, allow_pickle=args.allow_pickle)
+    if args.config:
+        engine.load(args.model, config=args.config)
     fields = {
         "model": args.model, "prompt": args.prompt, "negative_prompt": args.negative_prompt, "width": args.width,
         "height": args.height, "num_inference_steps": args.steps, "guidance_scale": args.guidance_scale,
@@ -85,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--scheduler", help="scheduler preset (see `engine schedulers`); default: the model's")
     gen.add_argument("--out", default="out.png", help="output file, or a pattern with {i} for several images")
     gen.add_argument("--device", default="auto")
+    gen.add_argument("--config", help="for a single file: registry id or diffusers folder describing its architecture")
     gen.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints (.ckpt/.bin)")
     gen.set_defaults(func=cmd_generate)
 

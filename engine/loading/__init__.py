@@ -63,13 +63,38 @@ def _from_folder(key: str, folder: Path, spec: ModelSpec | None, dtype: torch.dt
                        pipeline_config=_pipeline_config(folder))
 
 
-def _from_single_file(key: str, path: Path, dtype: torch.dtype, allow_pickle: bool) -> LoadedModel:
+def _config_folder(config: str) -> tuple[Path, ModelSpec | None]:
+    """A `config` argument (registry id or diffusers-layout folder) as a folder of architecture configs."""
+    spec = find_spec(config)
+    if spec is None:
+        folder = Path(config).expanduser()
+        if not (folder / "model_index.json").is_file():
+            raise ModelNotFoundError(config, "config must be a registry id or a diffusers folder with model_index.json",
+                                     known=text_to_image_ids())
+        return folder.resolve(), None
+    if spec.is_tiny:
+        return _spec_folder(spec), spec
+    from ..paths import configs_dir
+
+    arch = configs_dir() / "arch" / (spec.arch or "")
+    return (arch if spec.arch and arch.is_dir() else fetch_hub_model(spec.source)), spec
+
+
+def _from_single_file(key: str, path: Path, dtype: torch.dtype, allow_pickle: bool,
+                      config: str | None) -> LoadedModel:
     from .single_file import load_single_file
 
-    family_name, components = load_single_file(path, allow_pickle=allow_pickle, torch_dtype=dtype)
+    candidates, config_spec, pipeline_config = None, None, {}
+    if config is not None:
+        folder, config_spec = _config_folder(config)
+        candidates, pipeline_config = [folder], _pipeline_config(folder)
+    family_name, components = load_single_file(path, candidates=candidates, allow_pickle=allow_pickle,
+                                               torch_dtype=dtype)
     family = get_family(family_name)
-    return LoadedModel(key=key, family=family, components=components, spec=_defaults_spec(family, components),
-                       source=str(path))
+    spec = config_spec if config_spec is not None and config_spec.family == family.name else None
+    return LoadedModel(key=key, family=family, components=components,
+                       spec=spec or _defaults_spec(family, components), source=str(path),
+                       pipeline_config=pipeline_config)
 
 
 def _spec_folder(spec: ModelSpec) -> Path:
@@ -80,8 +105,12 @@ def _spec_folder(spec: ModelSpec) -> Path:
     return fetch_hub_model(spec.source)
 
 
-def load_model(model: str, *, torch_dtype: torch.dtype = torch.float32, allow_pickle: bool = False) -> LoadedModel:
-    """Load `model`: a registry id, a local diffusers folder, a single checkpoint file, or a hub id."""
+def load_model(model: str, *, torch_dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
+               config: str | None = None) -> LoadedModel:
+    """Load `model`: a registry id, a local diffusers folder, a single checkpoint file, or a hub id.
+
+    `config` (registry id or folder) names the architecture of a single file whose shapes match no shipped config.
+    """
     _quiet_progress_bars()
     spec = find_spec(model)
     if spec is not None:
@@ -93,7 +122,7 @@ def load_model(model: str, *, torch_dtype: torch.dtype = torch.float32, allow_pi
     if path.is_dir():
         return _from_folder(model, path.resolve(), None, torch_dtype, allow_pickle)
     if path.is_file():
-        return _from_single_file(model, path.resolve(), torch_dtype, allow_pickle)
+        return _from_single_file(model, path.resolve(), torch_dtype, allow_pickle, config)
     looks_like_path = model.startswith((".", "/", "~")) or model.endswith(SINGLE_FILE_SUFFIXES) or "\\" in model
     if looks_like_path:
         raise ModelNotFoundError(model, "no such file or folder", known=text_to_image_ids())
