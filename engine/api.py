@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .compiler import CompileConfig, OptimizationReport, optimize, resolve_config
 from .errors import InvalidRequestError, ModelNotFoundError
 from .loading import LoadedModel, load_model
 from .pipelines.base import GenerationParams, StepCallback, TextToImagePipeline
@@ -32,44 +33,80 @@ def _pipeline_class(path: str) -> type[TextToImagePipeline]:
 
 
 class _Slot:
-    """One loaded model placed on the engine's device, with its pipeline."""
+    """One loaded model placed on the engine's device, optimized by the compiler, with its pipeline."""
 
-    def __init__(self, loaded: LoadedModel, device: torch.device):
+    def __init__(self, loaded: LoadedModel, device: torch.device, config: CompileConfig):
         for value in loaded.components.values():
             if isinstance(value, torch.nn.Module):
                 value.to(device)
         self.loaded = loaded
+        self.config = config
+        self.report, state = optimize(loaded.components, loaded.family, device, config)
         self.pipeline = _pipeline_class(loaded.family.pipeline)(loaded.components, device, loaded.pipeline_config)
+        self.pipeline.prompt_cache = state.get("prompt_cache")
+        self.pipeline.run_context = state.get("run_context")
 
 
 class Engine:
     """Loads models by id or path and runs text-to-image jobs on one device."""
 
-    def __init__(self, device: str | torch.device = "auto", *, allow_pickle: bool = False):
+    def __init__(self, device: str | torch.device = "auto", *, opt_level: str | None = None,
+                 compile_config: CompileConfig | dict[str, Any] | None = None, allow_pickle: bool = False):
+        """`opt_level` O0..O3 (configs/opt_levels.yaml); default O2 on CUDA, O0 (stock fp32) elsewhere.
+        `compile_config` overrides fields of the level (a dict) or replaces it (a CompileConfig)."""
         self.device = resolve_device(device)
+        self.opt_level = opt_level or ("O2" if self.device.type == "cuda" else "O0")
+        self.compile_config = resolve_config(self.opt_level, compile_config, self.opt_level)
         self.allow_pickle = allow_pickle
         self._slots: dict[str, _Slot] = {}
         self._load_lock = threading.Lock()
         self._run_lock = threading.Lock()
 
     # -- models -------------------------------------------------------------------------------------------------
-    def load(self, model: str, *, allow_pickle: bool | None = None, config: str | None = None) -> LoadedModel:
+    def load(self, model: str, *, allow_pickle: bool | None = None, config: str | None = None,
+             opt_level: str | None = None, compile_config: CompileConfig | dict[str, Any] | None = None) -> LoadedModel:
         """Load `model` (registry id, folder, single file or hub id) unless already loaded; returns it.
 
         `config`: for a single file whose architecture matches no shipped config, a registry id or diffusers
-        folder that describes it. Later `generate(model=...)` calls use the loaded model.
+        folder that describes it. `opt_level` / `compile_config` override the engine's for this model (a model
+        already loaded with other settings is reloaded). Later `generate(model=...)` calls use the loaded model.
         """
-        return self._slot(model, allow_pickle, config).loaded
+        wanted = None
+        if opt_level is not None or compile_config is not None:
+            base = self.compile_config if opt_level is None and isinstance(compile_config, dict) else None
+            wanted = (base.with_overrides(**compile_config) if base is not None and isinstance(compile_config, dict)
+                      else resolve_config(opt_level, compile_config, self.opt_level))
+        return self._slot(model, allow_pickle, config, wanted).loaded
 
-    def _slot(self, model: str, allow_pickle: bool | None = None, config: str | None = None) -> _Slot:
+    def _slot(self, model: str, allow_pickle: bool | None = None, config: str | None = None,
+              compile_config: CompileConfig | None = None) -> _Slot:
         with self._load_lock:
             slot = self._slots.get(model)
+            if slot is not None and compile_config is not None and slot.config != compile_config:
+                with self._run_lock:
+                    del self._slots[model]
+                slot = None
             if slot is None:
                 pickle_ok = self.allow_pickle if allow_pickle is None else allow_pickle
                 loaded = load_model(model, allow_pickle=pickle_ok, config=config)
-                slot = _Slot(loaded, self.device)
+                slot = _Slot(loaded, self.device, compile_config or self.compile_config)
                 self._slots[model] = slot
             return slot
+
+    def optimization_report(self, model: str) -> OptimizationReport:
+        """What the compiler applied to `model` and what it skipped, with reasons (loads the model if needed)."""
+        return self._slot(model).report
+
+    def warmup(self, model: str, sizes: list[tuple[int, int]] | None = None, *, num_images: int = 1) -> dict[str, float]:
+        """Run one step at each (width, height) so compilation happens now, not in the first user request."""
+        slot = self._slot(model)
+        d = slot.loaded.spec.defaults
+        timings = {}
+        for width, height in sizes or [(d.width, d.height)]:
+            res = self.generate(model=model, prompt="warmup", width=width, height=height, num_inference_steps=2,
+                                num_images=num_images, seed=0)
+            timings[f"{width}x{height}"] = res.timings["total"]
+        return timings
 
     def unload(self, model: str) -> bool:
         """Drop a loaded model (and free its memory); False if it was not loaded."""

@@ -144,13 +144,16 @@ class AuraSRPipeline:
     def _draw_noise(
         self, shape: torch.Size, gen: torch.Generator, shared: bool
     ) -> tuple[Tensor | None, Tensor]:
-        """Per chunk of NOISE_CHUNK tiles: style noise [b, D] (unless shared), then input noise [b, 3, T, T]."""
+        """Per chunk of NOISE_CHUNK tiles, as the reference draws: style noise [b, D], input noise [b, 3, T, T],
+        and a style-sized draw its generator makes and discards. Shared style: input noise only."""
         styles, inputs = [], []
         for i in range(0, shape[0], NOISE_CHUNK):
             b = min(NOISE_CHUNK, shape[0] - i)
             if not shared:
                 styles.append(_randn((b, self.model.noise_dim), gen, self.device))
             inputs.append(_randn((b, *shape[1:]), gen, self.device))
+            if not shared:
+                _randn((b, self.model.noise_dim), gen, self.device)
         return (torch.cat(styles) if styles else None), torch.cat(inputs)
 
     # stitching -----------------------------------------------------------------------------------------------

@@ -132,6 +132,8 @@ class TextToImagePipeline:
         self.components = components
         self.device = device
         self.config = dict(config or {})  # pipeline-level settings from model_index.json
+        self.prompt_cache: Any = None  # set by the compiler's prompt cache pass
+        self.run_context: Callable[[], Any] | None = None  # set by the compile pass: scope of compiled calls
         self.vae = components["vae"]
         self.scheduler = components["scheduler"]
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -140,11 +142,15 @@ class TextToImagePipeline:
         timer = StageTimer(self.device)
         generator = seeded_generator(params.seed)
         start = time.perf_counter()
-        with torch.inference_mode():
+        scope = self.run_context() if self.run_context is not None else contextlib.nullcontext()
+        with torch.inference_mode(), scope:
             with timer.stage("encode"):
-                cond = self.encode(params)
+                cond = self._encode_cached(params)
             with timer.stage("denoise"):
-                latents = self.denoise(params, cond, generator, step_callback)
+                try:
+                    latents = self.denoise(params, cond, generator, step_callback)
+                finally:
+                    self._reset_step_cache()
             with timer.stage("decode"):
                 images = self.decode(params, latents)
         timer.timings["total"] = time.perf_counter() - start
@@ -152,6 +158,30 @@ class TextToImagePipeline:
 
     def encode(self, params: GenerationParams) -> dict[str, Any]:
         raise NotImplementedError
+
+    def prompt_key(self, params: GenerationParams) -> tuple[Any, ...]:
+        """Everything `encode` reads from the request."""
+        return (params.prompt, params.negative_prompt, params.num_images, params.guidance_scale > 1.0,
+                params.max_sequence_length, params.true_cfg_scale > 1.0)
+
+    def _encode_cached(self, params: GenerationParams) -> dict[str, Any]:
+        if self.prompt_cache is None:
+            return self.encode(params)
+        key = self.prompt_key(params)
+        cond = self.prompt_cache.get(key)
+        if cond is None:
+            cond = self.encode(params)
+            self.prompt_cache.put(key, cond)
+        return cond
+
+    def denoiser(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def _reset_step_cache(self) -> None:
+        """Step caches (diffusers cache hooks) hold the previous step's residuals: clear them between jobs."""
+        reset = getattr(self.denoiser(), "_reset_stateful_cache", None)
+        if reset is not None and getattr(self.denoiser(), "is_cache_enabled", False):
+            reset()
 
     def denoise(self, params: GenerationParams, cond: dict[str, Any], generator: torch.Generator,
                 step_callback: StepCallback | None) -> torch.Tensor:

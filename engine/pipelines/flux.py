@@ -7,6 +7,7 @@ batched in one transformer forward.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,9 @@ class FluxEnginePipeline(TextToImagePipeline):
         self.text_encoder_2 = components["text_encoder_2"]
         self.tokenizer_2 = components["tokenizer_2"]
 
+    def denoiser(self) -> torch.nn.Module:
+        return self.transformer
+
     def uses_true_cfg(self, params: GenerationParams) -> bool:
         return params.true_cfg_scale > 1.0 and params.negative_prompt is not None
 
@@ -94,10 +98,13 @@ class FluxEnginePipeline(TextToImagePipeline):
                 step_callback: StepCallback | None) -> torch.Tensor:
         n = params.num_images
         h, w = self._latent_grid(params)
-        dtype = cond["encoder_hidden_states"].dtype
+        # Latents and scheduler math stay fp32; only the transformer's inputs take its (possibly half) dtype.
+        dtype = module_dtype(self.transformer)
         channels = self.transformer.config.in_channels // 4
-        latents = pack_latents(draw_noise((n, channels, h, w), generator, self.device, dtype))
-        img_ids = latent_image_ids(h // 2, w // 2, self.device, dtype)
+        latents = pack_latents(draw_noise((n, channels, h, w), generator, self.device, torch.float32))
+        img_ids = latent_image_ids(h // 2, w // 2, self.device, cond["encoder_hidden_states"].dtype)
+        seq = cond["encoder_hidden_states"].to(dtype)
+        pooled = cond["pooled_projections"].to(dtype)
 
         scheduler = fresh_scheduler(self.scheduler, params.scheduler, self.family)
         steps = params.num_inference_steps
@@ -120,10 +127,11 @@ class FluxEnginePipeline(TextToImagePipeline):
         for i, t in enumerate(timesteps):
             model_in = torch.cat([latents, latents]) if true_cfg else latents
             timestep = t.expand(rows).to(latents.dtype)
-            noise_pred = self.transformer(hidden_states=model_in, timestep=timestep / 1000, guidance=guidance,
-                                          pooled_projections=cond["pooled_projections"],
-                                          encoder_hidden_states=cond["encoder_hidden_states"], txt_ids=cond["txt_ids"],
-                                          img_ids=img_ids, joint_attention_kwargs={}, return_dict=False)[0]
+            with self._cache_context():
+                noise_pred = self.transformer(hidden_states=model_in.to(dtype), timestep=timestep / 1000,
+                                              guidance=guidance, pooled_projections=pooled, encoder_hidden_states=seq,
+                                              txt_ids=cond["txt_ids"], img_ids=img_ids, joint_attention_kwargs={},
+                                              return_dict=False)[0].float()
             if true_cfg:
                 neg, pos = noise_pred.chunk(2)
                 noise_pred = neg + params.true_cfg_scale * (pos - neg)
@@ -131,6 +139,12 @@ class FluxEnginePipeline(TextToImagePipeline):
             if step_callback is not None:
                 step_callback(i, len(timesteps), latents)
         return latents
+
+    def _cache_context(self) -> Any:
+        """Step-cache hooks keep state per named context; diffusers' pipelines name the conditional branch "cond"."""
+        if getattr(self.transformer, "is_cache_enabled", False):
+            return self.transformer.cache_context("cond")
+        return contextlib.nullcontext()
 
     def decode(self, params: GenerationParams, latents: torch.Tensor) -> list[Image.Image]:
         h, w = self._latent_grid(params)

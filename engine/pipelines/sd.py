@@ -47,6 +47,9 @@ class StableDiffusionEnginePipeline(TextToImagePipeline):
         self.text_encoder = components["text_encoder"]
         self.tokenizer = components["tokenizer"]
 
+    def denoiser(self) -> torch.nn.Module:
+        return self.unet
+
     def uses_cfg(self, params: GenerationParams) -> bool:
         return params.guidance_scale > 1.0
 
@@ -80,11 +83,13 @@ class StableDiffusionEnginePipeline(TextToImagePipeline):
         timesteps = scheduler.timesteps
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)
-        embeds = cond["encoder_hidden_states"]
+        # Latents and scheduler math stay fp32; only the UNet's inputs take its (possibly half) dtype.
+        unet_dtype = module_dtype(self.unet)
+        embeds = cond["encoder_hidden_states"].to(unet_dtype)
         batch = params.num_images
         shape = (batch, self.unet.config.in_channels, params.height // self.vae_scale_factor,
                  params.width // self.vae_scale_factor)
-        latents = draw_noise(shape, generator, self.device, embeds.dtype) * scheduler.init_noise_sigma
+        latents = draw_noise(shape, generator, self.device, torch.float32) * scheduler.init_noise_sigma
         step_kwargs = extra_step_kwargs(scheduler, generator)
         cfg = self.uses_cfg(params)
         added = self.added_cond_kwargs(params, cond)
@@ -92,12 +97,12 @@ class StableDiffusionEnginePipeline(TextToImagePipeline):
         if self.unet.config.time_cond_proj_dim is not None:
             w = torch.tensor(params.guidance_scale - 1).repeat(batch)
             timestep_cond = guidance_scale_embedding(w, self.unet.config.time_cond_proj_dim, latents.dtype)
-            timestep_cond = timestep_cond.to(device=self.device, dtype=latents.dtype)
+            timestep_cond = timestep_cond.to(device=self.device, dtype=unet_dtype)
         for i, t in enumerate(timesteps):
             model_in = torch.cat([latents] * 2) if cfg else latents
             model_in = scheduler.scale_model_input(model_in, t)
-            noise_pred = self.unet(model_in, t, encoder_hidden_states=embeds, timestep_cond=timestep_cond,
-                                   added_cond_kwargs=added, return_dict=False)[0]
+            noise_pred = self.unet(model_in.to(unet_dtype), t, encoder_hidden_states=embeds,
+                                   timestep_cond=timestep_cond, added_cond_kwargs=added, return_dict=False)[0].float()
             if cfg:
                 uncond, text = noise_pred.chunk(2)
                 noise_pred = uncond + params.guidance_scale * (text - uncond)
@@ -171,4 +176,5 @@ class StableDiffusionXLEnginePipeline(StableDiffusionEnginePipeline):
             raise ValueError(f"UNet expects {expected} added-condition features, the text encoder gives {got}")
         rows = 2 if self.uses_cfg(params) else 1
         time_ids = time_ids.repeat(rows, 1).to(self.device).repeat(params.num_images, 1)
-        return {"text_embeds": cond["text_embeds"], "time_ids": time_ids}
+        dtype = module_dtype(self.unet)
+        return {"text_embeds": cond["text_embeds"].to(dtype), "time_ids": time_ids.to(dtype)}

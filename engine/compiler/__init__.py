@@ -1,0 +1,61 @@
+"""The pipeline compiler: `optimize(...)` applies one small pass per optimization and reports each one."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ..families import FamilySpec
+from .attention import apply_attention
+from .cache import apply_cache
+from .compile import apply_compile, apply_cuda_graphs
+from .config import CompileConfig, config_for_level, level_names, resolve_config
+from .context import PassContext
+from .dtype import apply_dtype
+from .layout import apply_channels_last, apply_fuse_qkv
+from .prompt_cache import PromptCache, apply_prompt_cache
+from .quant import apply_quant
+from .report import OptimizationReport, PassResult
+
+# Order matters: dtype before everything; fusing before quantizing; compile last (it captures the final modules).
+PASSES: list[Callable[[PassContext], None]] = [
+    apply_dtype,
+    apply_fuse_qkv,
+    apply_channels_last,
+    apply_attention,
+    apply_quant,
+    apply_cache,
+    apply_cuda_graphs,
+    apply_compile,
+    apply_prompt_cache,
+]
+
+
+def optimize(components: dict[str, Any], family: FamilySpec, device: torch.device,
+             config: CompileConfig) -> tuple[OptimizationReport, dict[str, Any]]:
+    """Apply every pass in place; return the report and the decisions the pipeline needs (e.g. its prompt cache)."""
+    report = OptimizationReport(config_hash=config.compute_hash(), device=str(device))
+    ctx = PassContext(components=components, family=family, device=device, config=config, report=report)
+    with _quiet_diffusers():
+        for apply in PASSES:
+            apply(ctx)
+    return report, ctx.state
+
+
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """diffusers warns on every `.to(dtype)` and backend switch; the report already says what happened."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity(dlog.ERROR)
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
+
+
+__all__ = ["CompileConfig", "OptimizationReport", "PassResult", "PromptCache", "config_for_level", "level_names",
+           "optimize", "resolve_config"]

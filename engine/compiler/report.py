@@ -1,0 +1,46 @@
+"""What the compiler did: each pass applied (with what it chose) or skipped (with the reason)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class PassResult:
+    name: str
+    status: Literal["applied", "skipped"]
+    detail: str
+
+
+@dataclass
+class OptimizationReport:
+    config_hash: str
+    device: str
+    results: list[PassResult] = field(default_factory=list)
+
+    def applied(self, name: str, detail: str) -> None:
+        self.results.append(PassResult(name, "applied", detail))
+
+    def skipped(self, name: str, reason: str) -> None:
+        self.results.append(PassResult(name, "skipped", reason))
+
+    def status(self, name: str) -> str | None:
+        """"applied" if any result of pass `name` applied, else "skipped" if one was recorded, else None."""
+        found = [r for r in self.results if r.name == name]
+        if not found:
+            return None
+        return "applied" if any(r.status == "applied" for r in found) else "skipped"
+
+    def details(self, name: str) -> list[str]:
+        return [r.detail for r in self.results if r.name == name]
+
+    def as_dict(self) -> dict[str, object]:
+        return {"config_hash": self.config_hash, "device": self.device,
+                "passes": [{"name": r.name, "status": r.status, "detail": r.detail} for r in self.results]}
+
+    def __str__(self) -> str:
+        width = max((len(r.name) for r in self.results), default=4)
+        lines = [f"optimization report ({self.device}, config {self.config_hash})"]
+        lines += [f"  {r.name.ljust(width)}  {r.status:8} {r.detail}" for r in self.results]
+        return "\n".join(lines)
