@@ -24,9 +24,10 @@ def _output_paths(out: str, count: int) -> list[Path]:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .api import Engine
 
-    engine = Engine(device=args.device, allow_pickle=args.allow_pickle)
-    if args.config:
-        engine.load(args.model, config=args.config)
+    engine = Engine(device=args.device, opt_level=args.opt_level, allow_pickle=args.allow_pickle)
+    engine.load(args.model, config=args.config)
+    if args.verbose:
+        print(engine.optimization_report(args.model))
     fields = {
         "model": args.model, "prompt": args.prompt, "negative_prompt": args.negative_prompt, "width": args.width,
         "height": args.height, "num_inference_steps": args.steps, "guidance_scale": args.guidance_scale,
@@ -88,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default="out.png", help="output file, or a pattern with {i} for several images")
     gen.add_argument("--device", default="auto")
     gen.add_argument("--config", help="for a single file: registry id or diffusers folder describing its architecture")
+    gen.add_argument("--opt-level", choices=["O0", "O1", "O2", "O3"],
+                     help="optimization level (default: O2 on CUDA, O0 elsewhere)")
+    gen.add_argument("--verbose", action="store_true", help="print the optimization report")
     gen.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints (.ckpt/.bin)")
     gen.set_defaults(func=cmd_generate)
 
