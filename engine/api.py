@@ -7,6 +7,7 @@ lock, so bad input fails fast and never blocks other callers.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import secrets
@@ -18,6 +19,7 @@ import torch
 from .compiler import CompileConfig, OptimizationReport, optimize, resolve_config
 from .errors import InvalidRequestError, ModelNotFoundError
 from .loading import LoadedModel, load_model
+from .lora import LoraManager, resolve_lora
 from .pipelines.base import GenerationParams, StepCallback, TextToImagePipeline
 from .registry import registry
 from .requests import GenerateRequest, Result, parse_request
@@ -45,19 +47,30 @@ class _Slot:
         self.pipeline = _pipeline_class(loaded.family.pipeline)(loaded.components, device, loaded.pipeline_config)
         self.pipeline.prompt_cache = state.get("prompt_cache")
         self.pipeline.run_context = state.get("run_context")
+        self.loras: LoraManager | None = None  # created on the first request with adapters
+
+    def lora_manager(self) -> LoraManager:
+        if self.loras is None:
+            compiled = bool(self.config.compile)
+            self.loras = LoraManager(self.loaded.family.name, self.loaded.components,
+                                     hotswap_rank=self.config.lora_hotswap_rank if compiled else None,
+                                     fuse_after=self.config.lora_fuse_after)
+        return self.loras
 
 
 class Engine:
     """Loads models by id or path and runs text-to-image jobs on one device."""
 
     def __init__(self, device: str | torch.device = "auto", *, opt_level: str | None = None,
-                 compile_config: CompileConfig | dict[str, Any] | None = None, allow_pickle: bool = False):
+                 compile_config: CompileConfig | dict[str, Any] | None = None, allow_pickle: bool = False,
+                 allow_private_urls: bool = False):
         """`opt_level` O0..O3 (configs/opt_levels.yaml); default O2 on CUDA, O0 (stock fp32) elsewhere.
         `compile_config` overrides fields of the level (a dict) or replaces it (a CompileConfig)."""
         self.device = resolve_device(device)
         self.opt_level = opt_level or ("O2" if self.device.type == "cuda" else "O0")
         self.compile_config = resolve_config(self.opt_level, compile_config, self.opt_level)
         self.allow_pickle = allow_pickle
+        self.allow_private_urls = allow_private_urls  # for URLs in requests (LoRAs, images): SSRF guard
         self._slots: dict[str, _Slot] = {}
         self._load_lock = threading.Lock()
         self._run_lock = threading.Lock()
@@ -92,6 +105,13 @@ class Engine:
                 slot = _Slot(loaded, self.device, compile_config or self.compile_config)
                 self._slots[model] = slot
             return slot
+
+    def unload_loras(self, model: str) -> None:
+        """Remove every adapter from `model`: it is exactly the base model again."""
+        slot = self._slot(model)
+        with self._run_lock:
+            if slot.loras is not None:
+                slot.loras.unload()
 
     def optimization_report(self, model: str) -> OptimizationReport:
         """What the compiler applied to `model` and what it skipped, with reasons (loads the model if needed)."""
@@ -142,7 +162,12 @@ class Engine:
             raise InvalidRequestError("request", "pass either a GenerateRequest or keyword fields, not both")
         slot = self._slot(request.model)
         params = self._resolve(request, slot.loaded)
+        # Fetch adapters before taking the device: a download must not hold up other jobs.
+        loras = [resolve_lora(spec, i, allow_private_urls=self.allow_private_urls) for i, spec in enumerate(request.loras)]
+        params = dataclasses.replace(params, lora_key=tuple((lo.sha256, lo.scale) for lo in loras))
         with self._run_lock:
+            if loras or slot.loras is not None:
+                slot.lora_manager().apply(loras)
             out = slot.pipeline(params, step_callback=step_callback)
         return Result(images=out.images, seed=params.seed, timings=out.timings, model=request.model,
                       width=params.width, height=params.height, num_inference_steps=params.num_inference_steps,

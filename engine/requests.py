@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import InvalidRequestError
 from .families import FamilySpec
+from .lora import MAX_LORAS, LoraSpec
 
 MAX_SEED = 2**63 - 1
 
@@ -33,6 +34,7 @@ class GenerateRequest(BaseModel):
     max_sequence_length: int | None = Field(default=None, ge=1, le=512)
     true_cfg_scale: float = Field(default=1.0, ge=1.0, le=100.0, allow_inf_nan=False)
     scheduler: str | None = Field(default=None, max_length=64)  # a preset name (engine.schedulers); None: the model's
+    loras: list[LoraSpec] = Field(default_factory=list, max_length=MAX_LORAS)
 
     @classmethod
     def build(cls, **kwargs: Any) -> "GenerateRequest":

@@ -47,6 +47,9 @@ class CompileConfig(BaseModel):
     compile_mode: str | None = None  # torch.compile mode; cuda_graphs picks "reduce-overhead"
     cuda_graphs: Toggle = False
     prompt_cache_size: int = Field(default=0, ge=0, le=100_000)
+    lora_hotswap_rank: int = Field(default=64, ge=1, le=1024)  # compiled models pre-allocate LoRA slots this large
+    lora_fuse_after: int = Field(default=3, ge=0)  # fuse a LoRA set into the weights after N uses in a row (0: never)
+    backend: Literal["torch", "onnxruntime", "tensorrt"] = "torch"  # runtime of the denoiser and VAE decoder
 
     def compute_hash(self) -> str:
         """Stable hash of the fields (keys compiled artifacts together with device and library versions)."""

@@ -8,7 +8,6 @@ hash of the config and corpus, so editing a config builds a fresh model instead 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import os
 import shutil
 import tempfile
@@ -21,6 +20,7 @@ import yaml
 from ..families import get_family
 from ..paths import cache_dir, configs_dir
 from .classes import resolve_class
+from .stock import build_stock_pipeline
 from .tokenizers import TOKENIZER_BUILDERS
 
 BUILDER_VERSION = "1"
@@ -95,21 +95,7 @@ def _build_text_encoder(cls_name: str, config: dict[str, Any], tokenizer: Any) -
 
 def save_as_diffusers_folder(family_name: str, parts: dict[str, Any], target: Path) -> None:
     """Save components through the stock diffusers pipeline class, so the folder is what diffusers itself writes."""
-    import diffusers
-
-    family = get_family(family_name)
-    cls = getattr(diffusers, family.stock_pipeline)
-    params = inspect.signature(cls.__init__).parameters
-    kwargs = {k: v for k, v in parts.items() if k in params}
-    for pname, p in params.items():
-        if pname in ("self",) or pname in kwargs or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
-            continue
-        if pname == "requires_safety_checker":
-            kwargs[pname] = False
-        elif p.default is inspect.Parameter.empty:
-            kwargs[pname] = None  # optional components the tiny model does not have (safety checker, ...)
-    pipe = cls(**kwargs)
-    pipe.save_pretrained(str(target), safe_serialization=True)
+    build_stock_pipeline(family_name, parts).save_pretrained(str(target), safe_serialization=True)
 
 
 def ensure_tiny_model(name: str) -> Path:

@@ -42,6 +42,7 @@ class GenerationParams:
     max_sequence_length: int | None = None
     true_cfg_scale: float = 1.0
     scheduler: str | None = None  # preset name; None keeps the model's own scheduler
+    lora_key: tuple[Any, ...] = ()  # the active adapters (hash, scale): part of the prompt cache key
 
 
 @dataclass
@@ -162,7 +163,7 @@ class TextToImagePipeline:
     def prompt_key(self, params: GenerationParams) -> tuple[Any, ...]:
         """Everything `encode` reads from the request."""
         return (params.prompt, params.negative_prompt, params.num_images, params.guidance_scale > 1.0,
-                params.max_sequence_length, params.true_cfg_scale > 1.0)
+                params.max_sequence_length, params.true_cfg_scale > 1.0, params.lora_key)
 
     def _encode_cached(self, params: GenerationParams) -> dict[str, Any]:
         if self.prompt_cache is None:

@@ -1,0 +1,267 @@
+"""LoRA adapters: fetched from a path, URL or hub id, cached by content hash, applied through diffusers' LoRA loaders
+(which read diffusers/PEFT and kohya key formats), switched per request, fused when a set stays stable, and
+hot-swapped on compiled models without recompiling.
+
+Exactness: adapters live in PEFT layers beside the untouched base weights, so "no LoRA" runs the base model
+bit-for-bit; fusing snapshots the base weights it overwrites and restores them on unfuse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import InvalidRequestError, ModelLoadError
+from .loading.stock import build_stock_pipeline
+from .paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+MAX_LORAS = 4
+MAX_LORA_BYTES = 2_000_000_000
+HUB_FILE = re.compile(r"^([\w.-]+/[\w.-]+)(?:/(.+\.safetensors))?$")
+
+
+class LoraSpec(BaseModel):
+    """One adapter of a request: `path` is a local .safetensors file, an http(s) URL, or a hub id (owner/repo or
+    owner/repo/file.safetensors)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1, max_length=4096)
+    scale: float = Field(default=1.0, ge=-4.0, le=4.0, allow_inf_nan=False)
+
+
+@dataclass(frozen=True)
+class ResolvedLora:
+    sha256: str
+    file: Path
+    scale: float
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _store(data: bytes) -> tuple[str, Path]:
+    """Keep downloaded bytes under the cache, named by their hash (a second download of the same file is free)."""
+    sha = hashlib.sha256(data).hexdigest()
+    target = cache_dir() / "loras" / f"{sha}.safetensors"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    return sha, target
+
+
+def _check_safetensors(path: Path, field: str) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if not list(f.keys()):
+                raise InvalidRequestError(field, f"{path.name}: holds no tensors")
+    except InvalidRequestError:
+        raise
+    except Exception as e:
+        raise InvalidRequestError(field, f"{path.name}: not a readable safetensors file ({type(e).__name__})") from None
+
+
+def resolve_lora(spec: LoraSpec, index: int, *, allow_private_urls: bool = False) -> ResolvedLora:
+    """Find the adapter's file (downloading it if needed) and identify it by content hash."""
+    field = f"loras.{index}.path"
+    path = spec.path.strip()
+    if path.startswith(("http://", "https://")):
+        from .images import fetch_url
+
+        data = fetch_url(path, field=field, max_bytes=MAX_LORA_BYTES, allow_private=allow_private_urls, timeout_s=300)
+        sha, file = _store(data)
+    elif Path(path).expanduser().is_file():
+        file = Path(path).expanduser().resolve()
+        if file.suffix != ".safetensors":
+            raise InvalidRequestError(field, f"{file.name}: only .safetensors LoRA files are loaded (pickle files "
+                                      "can run code)", ".safetensors")
+        sha = _sha256_file(file)
+    elif "://" in path or path.startswith((".", "/", "~")) or path.endswith(".safetensors") and not HUB_FILE.match(path):
+        raise InvalidRequestError(field, f"no such file: {path}")
+    elif HUB_FILE.match(path):
+        file = _from_hub(path, field)
+        sha = _sha256_file(file)
+    else:
+        raise InvalidRequestError(field, f"{path!r} is not a file, an http(s) URL or a hub id")
+    _check_safetensors(file, field)
+    return ResolvedLora(sha256=sha, file=file, scale=spec.scale)
+
+
+def _from_hub(path: str, field: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    match = HUB_FILE.match(path)
+    assert match is not None
+    repo, name = match.group(1), match.group(2) or "pytorch_lora_weights.safetensors"
+    try:
+        return Path(hf_hub_download(repo, name))
+    except Exception as e:
+        raise InvalidRequestError(field, f"could not fetch {name} from hub repository {repo} "
+                                  f"({type(e).__name__}); pass a local file or URL instead") from None
+
+
+class LoraManager:
+    """The adapters of one loaded model. Not thread-safe by itself: the engine calls it under its device lock."""
+
+    def __init__(self, family: str, components: dict[str, Any], *, hotswap_rank: int | None, fuse_after: int,
+                 max_cached: int = 8):
+        self.pipe = build_stock_pipeline(family, components)
+        self.hotswap = hotswap_rank is not None
+        if self.hotswap:
+            self.pipe.enable_lora_hotswap(target_rank=hotswap_rank, check_compiled="warn")
+        self.fuse_after = fuse_after
+        self.max_cached = max_cached
+        self.loaded: dict[str, str] = {}  # adapter name -> sha256 of its file
+        self.active: tuple[tuple[str, float], ...] = ()  # (sha256, scale) of the last applied set
+        self.streak = 0
+        self.fused = False
+        self._snapshot: dict[torch.nn.Parameter, torch.Tensor] = {}
+        self.swaps = 0
+
+    # -- public ----------------------------------------------------------------------------------------------------
+    def apply(self, loras: list[ResolvedLora]) -> None:
+        wanted = tuple((lo.sha256, lo.scale) for lo in loras)
+        if wanted == self.active:
+            self.streak += 1
+            if self.fuse_after and not self.fused and not self.hotswap and wanted and self.streak >= self.fuse_after:
+                self._fuse()
+            return
+        self._unfuse()
+        self.streak = 1
+        try:
+            if self.hotswap:
+                self._apply_slots(loras)
+            else:
+                self._apply_named(loras)
+        except InvalidRequestError:
+            self._reset_after_failure()
+            raise
+        except Exception as e:
+            self._reset_after_failure()
+            raise ModelLoadError(f"LoRA could not be applied ({type(e).__name__}: {e})") from e
+        self.active = wanted
+
+    def unload(self) -> None:
+        """Remove every adapter: the base model is exactly what it was before any LoRA."""
+        self._unfuse()
+        if self.loaded:
+            self.pipe.unload_lora_weights()
+        self.loaded.clear()
+        self.active = ()
+        self.streak = 0
+
+    # -- named adapters (eager models): cached, selected with set_adapters ------------------------------------------
+    def _name(self, sha: str) -> str:
+        return f"lora_{sha[:16]}"
+
+    def _load(self, lora: ResolvedLora, name: str, index: int, hotswap: bool = False) -> None:
+        before = self._adapter_layers(name)
+        try:
+            self.pipe.load_lora_weights(str(lora.file), adapter_name=name, hotswap=hotswap)
+        except Exception as e:  # shape mismatch, unknown key format, rank above the hot-swap target...
+            raise InvalidRequestError(f"loras.{index}.path", f"{lora.file.name} does not fit this model "
+                                      f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+        if not hotswap and self._adapter_layers(name) == before:
+            self.pipe.delete_adapters(name) if name in self._all_adapters() else None
+            raise InvalidRequestError(f"loras.{index}.path", f"{lora.file.name} matches no layer of this model "
+                                      "(a LoRA for another architecture?)")
+        self.loaded[name] = lora.sha256
+
+    def _apply_named(self, loras: list[ResolvedLora]) -> None:
+        if not loras:
+            if self.loaded:
+                self.pipe.disable_lora()
+            return
+        names = []
+        for i, lora in enumerate(loras):
+            name = self._name(lora.sha256)
+            if name not in self.loaded:
+                self._load(lora, name, i)
+            names.append(name)
+        self._evict(keep=set(names))
+        self.pipe.enable_lora()
+        self.pipe.set_adapters(names, adapter_weights=[lo.scale for lo in loras])
+
+    def _evict(self, keep: set[str]) -> None:
+        for name in [n for n in self.loaded if n not in keep][: max(0, len(self.loaded) - self.max_cached)]:
+            self.pipe.delete_adapters(name)
+            del self.loaded[name]
+
+    # -- slots (compiled models): hot-swapped in place, unused slots at scale 0 --------------------------------------
+    def _apply_slots(self, loras: list[ResolvedLora]) -> None:
+        for i, lora in enumerate(loras):
+            slot = f"slot{i}"
+            if self.loaded.get(slot) == lora.sha256:
+                continue
+            existed = slot in self.loaded
+            self._load(lora, slot, i, hotswap=existed)
+            self.swaps += existed
+        slots = sorted(self.loaded)
+        if not slots:
+            return
+        scales = {f"slot{i}": lo.scale for i, lo in enumerate(loras)}
+        self.pipe.set_adapters(slots, adapter_weights=[scales.get(s, 0.0) for s in slots])
+
+    # -- fusing -----------------------------------------------------------------------------------------------------
+    def _lora_layers(self) -> list[Any]:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = []
+        for module in self.pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                layers += [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+        return layers
+
+    def _adapter_layers(self, name: str) -> int:
+        return sum(1 for layer in self._lora_layers() if name in getattr(layer, "lora_A", {}))
+
+    def _all_adapters(self) -> set[str]:
+        return {a for adapters in self.pipe.get_list_adapters().values() for a in adapters}
+
+    def _fuse(self) -> None:
+        self._snapshot = {}
+        for layer in self._lora_layers():
+            weight = layer.get_base_layer().weight
+            self._snapshot[weight] = weight.detach().clone()
+        names = [n for n in self.loaded if n in self.pipe.get_active_adapters()]
+        self.pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+        self.fused = True
+        log.info("fused LoRA set %s into the weights", names)
+
+    def _unfuse(self) -> None:
+        if not self.fused:
+            return
+        self.pipe.unfuse_lora()
+        with torch.no_grad():
+            for weight, original in self._snapshot.items():
+                weight.copy_(original)  # unmerging subtracts in floating point; the snapshot makes it exact
+        self._snapshot = {}
+        self.fused = False
+
+    def _reset_after_failure(self) -> None:
+        """A failed load leaves no half-applied state: back to the previously active set, or none."""
+        try:
+            self.unload()
+        except Exception:  # pragma: no cover - best effort; the error that matters is re-raised by the caller
+            log.exception("could not unload LoRAs after a failure")
