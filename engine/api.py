@@ -186,8 +186,9 @@ class Engine:
             if request.max_sequence_length is not None and request.max_sequence_length > limit:
                 raise InvalidRequestError("max_sequence_length", f"{request.max_sequence_length} exceeds the T5 "
                                           f"tokenizer's limit", f"1..{limit}")
-        if request.scheduler is not None:
-            get_preset(request.scheduler, loaded.family.name)  # a clear error before the job is queued
+        scheduler = request.scheduler or d.scheduler
+        if scheduler is not None:
+            get_preset(scheduler, loaded.family.name)  # a clear error before the job is queued
         seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
         return GenerationParams(
             prompt=request.prompt,
@@ -200,7 +201,7 @@ class Engine:
             seed=seed,
             max_sequence_length=max_seq,
             true_cfg_scale=request.true_cfg_scale,
-            scheduler=request.scheduler,
+            scheduler=scheduler,
         )
 
 

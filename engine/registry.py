@@ -22,6 +22,7 @@ class ModelDefaults:
     height: int | None = None
     max_sequence_length: int | None = None  # FLUX: T5 tokens
     upscale_factor: int | None = None  # upscalers
+    scheduler: str | None = None  # scheduler preset (engine.schedulers) the model was distilled for
 
 
 @dataclass(frozen=True)
@@ -33,10 +34,19 @@ class ModelSpec:
     description: str = ""
     arch: str | None = None  # configs/arch/<arch>/ for offline single-file loading
     endpoints: tuple[str, ...] = field(default_factory=tuple)
+    # Distilled presets: a base model with a replacement UNet and/or a LoRA fused in, loaded as one id.
+    base: str | None = None  # registry id of the base model
+    unet: str | None = None  # diffusers-format UNet weights: hub "owner/repo/file.safetensors" or a local file
+    lora: str | None = None  # LoRA fused into the base: hub "owner/repo/file.safetensors" or a local file
+    lora_scale: float = 1.0
 
     @property
     def family_spec(self) -> FamilySpec:
         return get_family(self.family)
+
+    @property
+    def is_preset(self) -> bool:
+        return self.base is not None
 
     @property
     def is_tiny(self) -> bool:
@@ -48,11 +58,23 @@ class ModelSpec:
 
     def available_offline(self) -> bool:
         """Tiny models are always available; hub models when a snapshot is already in the local HF cache."""
+        if self.is_preset:
+            return get_spec(self.base or "").available_offline() and all(
+                _file_available(x) for x in (self.unet, self.lora) if x)
         if self.is_tiny:
             return True
         from .loading.pretrained import cached_snapshot
 
         return cached_snapshot(self.source) is not None
+
+
+def _file_available(ref: str) -> bool:
+    """A preset's extra file: a local path, or a hub file already in the local cache."""
+    if Path(ref).expanduser().is_file():
+        return True
+    from .loading.hub_files import cached_hub_file
+
+    return cached_hub_file(ref) is not None
 
 
 def _parse(model_id: str, raw: dict[str, Any]) -> ModelSpec:
@@ -70,6 +92,10 @@ def _parse(model_id: str, raw: dict[str, Any]) -> ModelSpec:
         description=raw.get("description", ""),
         arch=raw.get("arch"),
         endpoints=tuple(raw.get("endpoints", ())),
+        base=raw.get("base"),
+        unet=raw.get("unet"),
+        lora=raw.get("lora"),
+        lora_scale=float(raw.get("lora_scale", 1.0)),
     )
 
 
@@ -77,7 +103,11 @@ def _parse(model_id: str, raw: dict[str, Any]) -> ModelSpec:
 def _load_table(path: str) -> dict[str, ModelSpec]:
     with open(path, encoding="utf-8") as f:
         raw = yaml.safe_load(f) or {}
-    return {model_id: _parse(model_id, entry) for model_id, entry in raw.items()}
+    table = {model_id: _parse(model_id, entry) for model_id, entry in raw.items()}
+    for spec in table.values():
+        if spec.base is not None and (spec.base not in table or table[spec.base].family != spec.family):
+            raise ValueError(f"models.yaml: {spec.id} has base {spec.base!r}, not a registered {spec.family} model")
+    return table
 
 
 def registry(path: Path | None = None) -> dict[str, ModelSpec]:

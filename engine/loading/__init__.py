@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ModelNotFoundError
+from ..errors import ModelLoadError, ModelNotFoundError
 from ..families import FamilySpec, get_family
 from ..registry import ModelSpec, find_spec, get_spec, registry
 from .pretrained import fetch_hub_model, folder_family, load_folder, read_model_index
@@ -97,6 +97,34 @@ def _from_single_file(key: str, path: Path, dtype: torch.dtype, allow_pickle: bo
                        pipeline_config=pipeline_config)
 
 
+def _from_preset(spec: ModelSpec, dtype: torch.dtype, allow_pickle: bool) -> LoadedModel:
+    """A distilled preset: its base model, with a replacement UNet loaded and/or a LoRA fused in."""
+    from safetensors.torch import load_file
+
+    from .hub_files import fetch_file
+    from .stock import build_stock_pipeline
+
+    base = get_spec(spec.base or "")
+    loaded = _from_folder(spec.id, _spec_folder(base), base, dtype, allow_pickle)
+    parts = [base.id]
+    if spec.unet:
+        denoiser = loaded.components[loaded.family.denoiser]
+        try:
+            denoiser.load_state_dict(load_file(fetch_file(spec.unet)), strict=True)
+        except (RuntimeError, OSError, ValueError) as e:
+            raise ModelLoadError(f"{spec.id}: UNet weights {spec.unet} do not fit {base.id} ({e})") from None
+        parts.append(f"unet {spec.unet}")
+    if spec.lora:
+        pipe = build_stock_pipeline(loaded.family.name, loaded.components)
+        pipe.load_lora_weights(str(fetch_file(spec.lora)), adapter_name="preset")
+        pipe.fuse_lora(lora_scale=spec.lora_scale)
+        pipe.unload_lora_weights()  # the fused deltas stay in the weights; the adapter layers go
+        parts.append(f"lora {spec.lora} x{spec.lora_scale}")
+    loaded.spec = spec
+    loaded.source = " + ".join(parts)
+    return loaded
+
+
 def _spec_folder(spec: ModelSpec) -> Path:
     if spec.is_tiny:
         from .tiny import ensure_tiny_model
@@ -117,6 +145,8 @@ def load_model(model: str, *, torch_dtype: torch.dtype = torch.float32, allow_pi
         if spec.family_spec.task != "text-to-image":
             raise ModelNotFoundError(model, f"is a {spec.family_spec.task} model; use Engine.upscale",
                                      known=text_to_image_ids())
+        if spec.is_preset:
+            return _from_preset(spec, torch_dtype, allow_pickle)
         return _from_folder(model, _spec_folder(spec), spec, torch_dtype, allow_pickle)
     path = Path(model).expanduser()
     if path.is_dir():
