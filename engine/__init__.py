@@ -2,7 +2,7 @@
 
 from . import errors
 from .api import Engine
-from .requests import GenerateRequest, Result
+from .requests import GenerateRequest, Result, UpscaleRequest, UpscaleResult
 
-__all__ = ["Engine", "GenerateRequest", "Result", "errors"]
+__all__ = ["Engine", "GenerateRequest", "Result", "UpscaleRequest", "UpscaleResult", "errors"]
 __version__ = "0.1.0"

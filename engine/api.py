@@ -21,8 +21,8 @@ from .errors import InvalidRequestError, ModelNotFoundError
 from .loading import LoadedModel, load_model
 from .lora import LoraManager, resolve_lora
 from .pipelines.base import GenerationParams, StepCallback, TextToImagePipeline
-from .registry import registry
-from .requests import GenerateRequest, Result, parse_request
+from .registry import find_spec, registry
+from .requests import GenerateRequest, Result, UpscaleRequest, UpscaleResult, parse_request
 from .runtime.device import resolve_device
 from .schedulers import get_preset
 
@@ -58,6 +58,39 @@ class _Slot:
         return self.loras
 
 
+class _UpscaleSlot:
+    """A loaded upscaler: AuraSR in the compute dtype its optimization level asks for, channels-last from O1."""
+
+    def __init__(self, model: str, device: torch.device, config: CompileConfig, allow_pickle: bool):
+        from .compiler.dtype import BY_NAME
+        from .loading.aurasr import load_aurasr
+        from .pipelines.aurasr import AuraSRPipeline
+        from .runtime.device import best_half_dtype
+
+        spec = find_spec(model)
+        if spec is not None and spec.family_spec.task != "upscale":
+            raise ModelNotFoundError(model, f"is a {spec.family_spec.task} model; use Engine.generate",
+                                     known=_upscale_ids())
+        network = load_aurasr(model, allow_pickle=allow_pickle)
+        dtype = BY_NAME.get(config.dtype) or best_half_dtype(device) or torch.float32
+        self.report = OptimizationReport(config_hash=config.compute_hash(), device=str(device))
+        if dtype == torch.float32:
+            self.report.skipped("dtype", "fp32 (no half precision at this level or on this device)")
+        else:
+            self.report.applied("dtype", f"aurasr {str(dtype).removeprefix('torch.')} (modulation and demodulation "
+                                "stay fp32)")
+        if config.channels_last:
+            network.to(memory_format=torch.channels_last)
+            self.report.applied("channels_last", "aurasr convolutions")
+        else:
+            self.report.skipped("channels_last", "disabled in config")
+        self.pipeline = AuraSRPipeline(network, device, dtype)
+
+
+def _upscale_ids() -> list[str]:
+    return sorted(k for k, s in registry().items() if s.family_spec.task == "upscale")
+
+
 class Engine:
     """Loads models by id or path and runs text-to-image jobs on one device."""
 
@@ -72,6 +105,8 @@ class Engine:
         self.allow_pickle = allow_pickle
         self.allow_private_urls = allow_private_urls  # for URLs in requests (LoRAs, images): SSRF guard
         self._slots: dict[str, _Slot] = {}
+        self._upscalers: dict[str, _UpscaleSlot] = {}
+        self.max_input_pixels = 16_777_216  # upscale inputs larger than this are refused (4096 x 4096)
         self._load_lock = threading.Lock()
         self._run_lock = threading.Lock()
 
@@ -115,6 +150,9 @@ class Engine:
 
     def optimization_report(self, model: str) -> OptimizationReport:
         """What the compiler applied to `model` and what it skipped, with reasons (loads the model if needed)."""
+        spec = find_spec(model)
+        if spec is not None and spec.family_spec.task == "upscale":
+            return self._upscaler(model).report
         return self._slot(model).report
 
     def warmup(self, model: str, sizes: list[tuple[int, int]] | None = None, *, num_images: int = 1) -> dict[str, float]:
@@ -131,7 +169,7 @@ class Engine:
     def unload(self, model: str) -> bool:
         """Drop a loaded model (and free its memory); False if it was not loaded."""
         with self._load_lock, self._run_lock:
-            slot = self._slots.pop(model, None)
+            slot = self._slots.pop(model, None) or self._upscalers.pop(model, None)
         if slot is None:
             return False
         del slot
@@ -141,7 +179,7 @@ class Engine:
 
     def loaded_models(self) -> list[str]:
         with self._load_lock:
-            return list(self._slots)
+            return list(self._slots) + list(self._upscalers)
 
     @staticmethod
     def models() -> list[dict[str, Any]]:
@@ -172,6 +210,32 @@ class Engine:
         return Result(images=out.images, seed=params.seed, timings=out.timings, model=request.model,
                       width=params.width, height=params.height, num_inference_steps=params.num_inference_steps,
                       guidance_scale=params.guidance_scale, prompt=params.prompt)
+
+    # -- upscale --------------------------------------------------------------------------------------------------
+    def upscale(self, image: Any = None, *, request: UpscaleRequest | None = None, **kwargs: Any) -> UpscaleResult:
+        """Upscale 4x with AuraSR. `image`: PIL image, numpy array, path, http(s) URL or data URI; RGBA keeps its
+        alpha (resized classically), grayscale and palette images are converted."""
+        from .images import load_image_input
+
+        if request is None:
+            request = parse_request(UpscaleRequest, {"image": image, **kwargs})
+        pixels = load_image_input(request.image, max_pixels=self.max_input_pixels,
+                                  allow_private_urls=self.allow_private_urls)
+        slot = self._upscaler(request.model)
+        seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
+        with self._run_lock:
+            out, timings = slot.pipeline.upscale(pixels, overlapping_tiles=request.overlapping_tiles, seed=seed,
+                                                 shared_style=request.shared_style)
+        return UpscaleResult(image=out, seed=seed, timings=timings, model=request.model,
+                             tiles=slot.pipeline.last_tile_count)
+
+    def _upscaler(self, model: str) -> _UpscaleSlot:
+        with self._load_lock:
+            slot = self._upscalers.get(model)
+            if slot is None:
+                slot = _UpscaleSlot(model, self.device, self.compile_config, self.allow_pickle)
+                self._upscalers[model] = slot
+            return slot
 
     def _resolve(self, request: GenerateRequest, loaded: LoadedModel) -> GenerationParams:
         """Fill defaults from the model's spec and check what depends on the family."""

@@ -63,6 +63,10 @@ class ModelSpec:
                 _file_available(x) for x in (self.unet, self.lora) if x)
         if self.is_tiny:
             return True
+        if self.family_spec.task == "upscale":
+            from .loading.aurasr import cached_aurasr_snapshot
+
+            return cached_aurasr_snapshot(self.source) is not None
         from .loading.pretrained import cached_snapshot
 
         return cached_snapshot(self.source) is not None

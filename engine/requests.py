@@ -5,7 +5,7 @@ gets an `InvalidRequestError` naming the field and the allowed values."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -96,6 +96,28 @@ def parse_request(cls: type[BaseModel], data: dict[str, Any]) -> Any:
         return cls.model_validate(data)
     except ValidationError as e:
         raise invalid_from_validation(e, cls) from None
+
+
+class UpscaleRequest(BaseModel):
+    """Upscale arguments. `image`: PIL image, numpy array, path, http(s) URL or data URI."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), arbitrary_types_allowed=True)
+
+    image: Any
+    model: str = Field(default="aura-sr", min_length=1, max_length=4096)
+    upscale_factor: Literal[4] = 4
+    overlapping_tiles: bool = False
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    shared_style: bool = False  # one style for all tiles: static convolutions, faster; not the reference's draws
+
+
+@dataclass
+class UpscaleResult:
+    image: Image.Image
+    seed: int
+    timings: dict[str, float]
+    model: str
+    tiles: int = 0
 
 
 @dataclass

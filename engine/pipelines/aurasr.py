@@ -2,10 +2,14 @@
 half-tile-offset pass blended in), crop.
 
 Semantics follow the reference `upscale_4x` / `upscale_4x_overlapped`, with these choices of our own:
-- everything after the model (stitching, blending, cropping, the uint8 conversion) runs on the device in fp32, and
-  the image crosses to the host once, at the end;
-- the random draws follow the reference's schedule (per chunk of 8 tiles: style noise, then input noise), whatever
-  the compute batch size, so one seed gives one image on every machine and matches the reference on the CPU;
+- everything after the model (stitching, blending, cropping, the uint8 conversion) runs on the device in fp32;
+  each batch goes straight into the canvas (no buffer of all tile outputs; blend weights are one tile-sized mask),
+  and the image crosses to the host once, at the end;
+- the random draws follow the reference's schedule (per chunk of 8 tiles: style noise, input noise, and the style
+  noise its generator draws and discards), whatever the compute batch size, so one seed gives one image at any
+  batch size and matches the reference on the CPU;
+- timings: "preprocess" (conversion, padding), "tiles" (model and placement), "stitch" (crop, uint8, alpha),
+  "total"; `last_tile_count` / `last_batch_tiles` describe the last call;
 - float to uint8 rounds (the reference truncates: up to one level darker);
 - images narrower than the padding reflect repeatedly (a 1-pixel side replicates), alpha is resized classically
   and re-attached, palette / grayscale / 16-bit inputs are converted to RGB first.
@@ -13,8 +17,8 @@ Semantics follow the reference `upscale_4x` / `upscale_4x_overlapped`, with thes
 
 from __future__ import annotations
 
-import math
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,7 +35,8 @@ ALPHA_RESAMPLE = Image.Resampling.BICUBIC
 
 
 class AuraSRPipeline:
-    """Whole-image upscaling with an AuraSR generator; `last_tile_count` holds the tiles the last call ran."""
+    """Whole-image upscaling with an AuraSR generator. The model is moved/cast in place to `device`/`dtype`.
+    `max_batch_tiles=None`: tiles per batch from free memory (CUDA: free device memory; CPU: available RAM)."""
 
     def __init__(
         self,
@@ -93,26 +98,36 @@ class AuraSRPipeline:
         shared_style: bool = False,
         timer: StageTimer | None = None,
     ) -> Tensor:
-        """`[3, H, W]` in [0, 1] -> `[3, 4H, 4W]` fp32 on the device (tiles clamped to [0, 1] before stitching)."""
+        """`[3, H, W]` in [0, 1] -> `[3, 4H, 4W]` fp32 on the device (tiles clamped to [0, 1] before stitching).
+        Each batch is placed into the canvas as it comes out, so no buffer of all tile outputs exists."""
         timer = timer or StageTimer(self.device)
-        tile = self.model.tile_size
-        out_tile = tile * self.scale
+        tile, out_tile = self.model.tile_size, self.model.tile_size * self.scale
         h, w = pixels.shape[-2:]
         gen = generator if generator is not None else torch.default_generator
         with torch.inference_mode():
             with timer.stage("preprocess"):
-                padded = pad_reflect(pixels.float(), 0, -w % tile, 0, -h % tile)
+                padded = pad_reflect(pixels.to(self.device, torch.float32), 0, -w % tile, 0, -h % tile)
                 passes = [padded]
-                if overlapping_tiles:
-                    half = tile // 2
-                    passes.append(pad_reflect(padded, half, half, half, half))
+                if overlapping_tiles:  # the second pass is offset by half a tile
+                    passes.append(pad_reflect(padded, tile // 2, tile // 2, tile // 2, tile // 2))
+                canvas = torch.empty(3, padded.shape[-2] * self.scale, padded.shape[-1] * self.scale,
+                                     device=self.device)
+                weight = blend_weights(out_tile, self.device) if overlapping_tiles else None
             with timer.stage("tiles"):
                 shared = self._shared_styles(gen) if shared_style else None
-                outputs = [self._run_tiles(cut_tiles(p, tile), gen, shared) for p in passes]
+                self.last_tile_count = 0
+                for index, image in enumerate(passes):
+                    grid_w = image.shape[-1] // tile
+                    offset = out_tile // 2 if index else 0
+
+                    def place(first: int, outputs: Tensor, grid_w: int = grid_w, offset: int = offset,
+                              accumulate: bool = index > 0) -> None:
+                        _place(canvas, outputs, first, grid_w, out_tile, offset=offset, weight=weight,
+                               accumulate=accumulate)
+
+                    self.last_tile_count += self._run_tiles(cut_tiles(image, tile), gen, shared, place)
             with timer.stage("stitch"):
-                canvas = self._stitch(outputs, padded.shape[-2:], out_tile)
                 canvas = canvas[:, : h * self.scale, : w * self.scale]
-        self.last_tile_count = sum(o.shape[0] for o in outputs)
         return canvas
 
     # tiles ---------------------------------------------------------------------------------------------------
@@ -121,15 +136,19 @@ class AuraSRPipeline:
         noise = _randn((1, self.model.noise_dim), gen, self.device)
         return self.model.precompute_styles(noise)
 
-    def _run_tiles(self, tiles: Tensor, gen: torch.Generator, shared: PrecomputedStyles | None) -> Tensor:
-        """Model outputs `[N, 3, S, S]` fp32 clamped to [0, 1]; noise drawn in the reference's chunks first."""
+    def _run_tiles(
+        self,
+        tiles: Tensor,
+        gen: torch.Generator,
+        shared: PrecomputedStyles | None,
+        place: Callable[[int, Tensor], None],
+    ) -> int:
+        """Run `tiles` in batches; hand each batch's fp32 outputs, clamped to [0, 1], to `place(first_index, out)`.
+        The noise for the whole pass is drawn first, in the reference's chunks."""
         style_noise, input_noise = self._draw_noise(tiles.shape, gen, shared is not None)
         batch = self.max_batch_tiles or auto_batch_tiles(self.model, self.device, self.dtype, shared is not None)
         self.last_batch_tiles = batch
         fmt = torch.channels_last if self.model.is_channels_last else torch.contiguous_format
-        out = torch.empty(
-            tiles.shape[0], tiles.shape[1], *(s * self.scale for s in tiles.shape[-2:]), device=self.device
-        )
         for i in range(0, tiles.shape[0], batch):
             j = min(i + batch, tiles.shape[0])
             result = self.model(
@@ -138,8 +157,8 @@ class AuraSRPipeline:
                 precomputed=shared,
                 input_noise=input_noise[i:j],
             )
-            out[i:j] = result.float().clamp_(0, 1)
-        return out
+            place(i, result.float().clamp_(0, 1))
+        return tiles.shape[0]
 
     def _draw_noise(
         self, shape: torch.Size, gen: torch.Generator, shared: bool
@@ -155,20 +174,6 @@ class AuraSRPipeline:
             if not shared:
                 _randn((b, self.model.noise_dim), gen, self.device)
         return (torch.cat(styles) if styles else None), torch.cat(inputs)
-
-    # stitching -----------------------------------------------------------------------------------------------
-
-    def _stitch(self, outputs: list[Tensor], padded_hw: torch.Size, out_tile: int) -> Tensor:
-        """Place pass-1 tiles; blend pass-2 tiles (offset by half a tile) with centre-weighted masks."""
-        grid_h, grid_w = (s // self.model.tile_size for s in padded_hw)
-        canvas = torch.empty(3, grid_h * out_tile, grid_w * out_tile, device=self.device)
-        if len(outputs) == 1:
-            _place(canvas, outputs[0], grid_w, out_tile, offset=0, weight=None)
-            return canvas
-        weight = blend_weights(out_tile, self.device)
-        _place(canvas, outputs[0], grid_w, out_tile, offset=0, weight=weight)
-        _place(canvas, outputs[1], grid_w + 1, out_tile, offset=out_tile // 2, weight=weight, accumulate=True)
-        return canvas
 
 
 # -------------------------------------------------------------------------------------------------- helpers
@@ -242,17 +247,19 @@ def cut_tiles(x: Tensor, tile: int) -> Tensor:
 def _place(
     canvas: Tensor,
     tiles: Tensor,
+    first: int,
     grid_w: int,
     size: int,
     *,
     offset: int,
     weight: Tensor | None,
-    accumulate: bool = False,
+    accumulate: bool,
 ) -> None:
-    """Write (or add) tile k at row k // grid_w, column k % grid_w, shifted up-left by `offset`, clipped."""
+    """Write (or add) tile `first + k` at grid row (first + k) // grid_w, column (first + k) % grid_w, shifted
+    up-left by `offset` and clipped to the canvas; optionally multiplied by the per-tile `weight`."""
     height, width = canvas.shape[-2:]
     for k in range(tiles.shape[0]):
-        y0, x0 = (k // grid_w) * size - offset, (k % grid_w) * size - offset
+        y0, x0 = ((first + k) // grid_w) * size - offset, ((first + k) % grid_w) * size - offset
         ys, xs = max(y0, 0), max(x0, 0)
         ye, xe = min(y0 + size, height), min(x0 + size, width)
         if ys >= ye or xs >= xe:
