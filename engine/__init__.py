@@ -3,6 +3,8 @@
 from . import errors
 from .api import Engine
 from .requests import GenerateRequest, Result, UpscaleRequest, UpscaleResult
+from .service import Completed, InProgress, Queued, RequestHandle
 
-__all__ = ["Engine", "GenerateRequest", "Result", "UpscaleRequest", "UpscaleResult", "errors"]
+__all__ = ["Completed", "Engine", "GenerateRequest", "InProgress", "Queued", "RequestHandle", "Result",
+           "UpscaleRequest", "UpscaleResult", "errors"]
 __version__ = "0.1.0"

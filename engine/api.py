@@ -25,6 +25,7 @@ from .registry import find_spec, registry
 from .requests import GenerateRequest, Result, UpscaleRequest, UpscaleResult, parse_request
 from .runtime.device import resolve_device
 from .schedulers import get_preset
+from .service import FalMixin
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,9 @@ def _upscale_ids() -> list[str]:
     return sorted(k for k, s in registry().items() if s.family_spec.task == "upscale")
 
 
-class Engine:
-    """Loads models by id or path and runs text-to-image jobs on one device."""
+class Engine(FalMixin):
+    """Loads models by id or path and runs text-to-image and upscale jobs on one device; `run`/`submit`/
+    `subscribe`/`stream` (and async variants) speak fal's endpoint schemas (engine/service.py)."""
 
     def __init__(self, device: str | torch.device = "auto", *, opt_level: str | None = None,
                  compile_config: CompileConfig | dict[str, Any] | None = None, allow_pickle: bool = False,

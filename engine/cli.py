@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     scheds = sub.add_parser("schedulers", help="list scheduler presets and the families they fit")
     scheds.set_defaults(func=cmd_schedulers)
+
+    from .server.cli import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 

@@ -1,0 +1,106 @@
+"""`engine serve`: the fal-compatible server under uvicorn.
+
+    engine serve --host 127.0.0.1 --port 8443 --ssl-certfile cert.pem --ssl-keyfile key.pem \\
+        --api-key secret --endpoint fal-ai/fast-sdxl=tiny-sdxl
+
+The official client needs https: give a certificate (and trust its CA on the client with SSL_CERT_FILE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any, Sequence
+
+log = logging.getLogger(__name__)
+
+
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    serve = subparsers.add_parser("serve", help="serve fal's HTTP protocols (run, stream, queue) over this engine")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--ssl-certfile", help="PEM certificate (the fal client always speaks https)")
+    serve.add_argument("--ssl-keyfile", help="PEM private key of the certificate")
+    serve.add_argument("--api-key", default=os.environ.get("ENGINE_API_KEY"),
+                       help="require `Authorization: Key <key>` on every route but /health (default: $ENGINE_API_KEY)")
+    serve.add_argument("--endpoint", action="append", default=[], metavar="APP_ID=MODEL",
+                       help="serve APP_ID with MODEL instead of configs/endpoints.yaml's choice (repeatable)")
+    serve.add_argument("--device", default="auto")
+    serve.add_argument("--opt-level", choices=["O0", "O1", "O2", "O3"],
+                       help="optimization level (default: O2 on CUDA, O0 elsewhere)")
+    serve.add_argument("--allow-private-urls", action="store_true",
+                       help="let image_url / webhooks reach private, loopback and link-local addresses")
+    serve.add_argument("--timeout", type=float, help="per-request limit in seconds (queueing plus running)")
+    serve.add_argument("--files-dir", help="where outputs are kept (default: a temporary folder)")
+    serve.add_argument("--retention", type=float, default=3600.0,
+                       help="seconds results and output files are kept after completion")
+    serve.add_argument("--preload", action="store_true", help="load the text-to-image models of every app first")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=cmd_serve)
+    return serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        print(f"error: `engine serve` needs the server extra ({e.name} is missing): pip install 'engine[server]'",
+              file=sys.stderr)
+        return 2
+
+    from ..api import Engine
+    from ..endpoints import ENDPOINTS, parse_override
+    from ..registry import find_spec
+    from ..runtime.files import FileStore
+    from .app import create_app
+
+    try:
+        overrides = dict(parse_override(text) for text in args.endpoint)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
+        print("error: --ssl-certfile and --ssl-keyfile go together", file=sys.stderr)
+        return 2
+    engine = Engine(device=args.device, opt_level=args.opt_level, allow_private_urls=args.allow_private_urls)
+    app = create_app(engine, api_key=args.api_key, allow_private_urls=args.allow_private_urls,
+                     endpoint_overrides=overrides, timeout_s=args.timeout, retention_s=args.retention,
+                     files=FileStore(args.files_dir, ttl_s=args.retention) if args.files_dir else None)
+    if args.preload:
+        table = app.state.service.table
+        for app_id in ENDPOINTS:
+            model = table.model_for(app_id)
+            spec = find_spec(model) if model else None
+            if spec is not None and spec.family_spec.task == "text-to-image" and spec.available_offline():
+                log.info("preloading %s for %s", model, app_id)
+                engine.load(model)
+    uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+                log_level=args.log_level, workers=1, timeout_graceful_shutdown=5)
+    app.state.service.queue.shutdown(cancel_pending=True, timeout=5.0)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="engine")
+    add_serve_parser(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry (`python -m engine.server.cli serve ...`), for when `engine.cli` lacks the subcommand."""
+    from ..errors import EngineError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EngineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

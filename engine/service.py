@@ -1,0 +1,438 @@
+"""fal's Python API, in process: `run`, `submit` (-> `RequestHandle`), `subscribe`, `stream`, and their async twins.
+
+Code written against `fal_client` runs against a local `Engine` by swapping the module for an engine: the same call
+names, the same status objects (`Queued(position)`, `InProgress(logs)`, `Completed(logs, metrics, error,
+error_type)`), the same result JSON. Everything goes through the engine's one job queue (one per device), so the
+in-process API and the HTTP server share the device fairly and report true queue positions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import urllib.request
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, Mapping
+from urllib.parse import urlsplit
+
+from .endpoints import EndpointTable, PreparedCall, check_public_host, prepare
+from .errors import EngineError, InvalidRequestError
+from .runtime.files import FileStore
+from .runtime.queue import Job, JobQueue, JobState
+
+if TYPE_CHECKING:
+    from .api import Engine
+
+log = logging.getLogger(__name__)
+
+
+# -- statuses (field for field as fal_client's) -------------------------------------------------------------------
+@dataclass
+class Status:
+    pass
+
+
+@dataclass
+class Queued(Status):
+    position: int
+
+
+@dataclass
+class InProgress(Status):
+    logs: list[dict[str, Any]] | None
+
+
+@dataclass
+class Completed(Status):
+    logs: list[dict[str, Any]] | None
+    metrics: dict[str, Any]
+    error: str | None = None
+    error_type: str | None = None
+
+
+class RequestNotFoundError(EngineError, LookupError):
+    """No request with this id (never submitted, or its result expired)."""
+
+    error_type = "request_not_found"
+    http_status = 404
+
+
+def error_type_of(error: BaseException) -> str:
+    return error.error_type if isinstance(error, EngineError) else "internal_error"
+
+
+def job_status(job: Job, queue: JobQueue, with_logs: bool = False) -> Status:
+    logs = [entry.to_dict() for entry in list(job.logs)] if with_logs else None
+    if job.state is JobState.IN_QUEUE:
+        position = queue.position(job)
+        if position is not None:
+            return Queued(position)
+    if job.state is not JobState.COMPLETED:
+        return InProgress(logs)
+    metrics = {"inference_time": job.inference_time}
+    if job.error is None:
+        return Completed(logs, metrics)
+    return Completed(logs, metrics, str(job.error), error_type_of(job.error))
+
+
+def status_json(status: Status) -> dict[str, Any]:
+    """The JSON fal's queue answers (`queue_position` and `logs` always present: the client indexes them)."""
+    if isinstance(status, Queued):
+        return {"status": "IN_QUEUE", "queue_position": status.position, "logs": None}
+    if isinstance(status, InProgress):
+        return {"status": "IN_PROGRESS", "logs": status.logs}
+    assert isinstance(status, Completed)
+    return {"status": "COMPLETED", "logs": status.logs, "metrics": status.metrics, "error": status.error,
+            "error_type": status.error_type}
+
+
+def job_result(job: Job) -> dict[str, Any]:
+    """The finished job's fal JSON, or its error raised."""
+    if not job.done:
+        raise RuntimeError("job is not finished")
+    if job.error is not None:
+        raise job.error
+    return job.result
+
+
+def progress_event(job: Job, data: dict[str, Any]) -> dict[str, Any]:
+    event = {"type": "progress", "request_id": job.id, "step": data["step"], "num_steps": data["num_steps"]}
+    if "preview" in data:
+        event["preview"] = data["preview"]
+    return event
+
+
+# -- one queue per engine ------------------------------------------------------------------------------------------
+_QUEUES: "weakref.WeakKeyDictionary[Any, JobQueue]" = weakref.WeakKeyDictionary()
+_QUEUES_LOCK = threading.Lock()
+
+
+def queue_for(engine: "Engine") -> JobQueue:
+    """The engine's job queue (created on first use): one worker, since an engine drives one device."""
+    with _QUEUES_LOCK:
+        queue = _QUEUES.get(engine)
+        if queue is None:
+            queue = JobQueue(name=str(getattr(engine, "device", "device")))
+            _QUEUES[engine] = queue
+        return queue
+
+
+# -- handles -------------------------------------------------------------------------------------------------------
+class RequestHandle:
+    """A submitted request: poll it, follow it, wait for it, cancel it."""
+
+    def __init__(self, service: "FalService", job: Job):
+        self._service = service
+        self._job = job
+        self.request_id = job.id
+
+    def status(self, with_logs: bool = False) -> Status:
+        return job_status(self._job, self._service.queue, with_logs)
+
+    def iter_events(self, with_logs: bool = False, interval: float = 1.0) -> Iterator[Status]:
+        """Statuses as they change (queue position, state, each log line), ending with `Completed`."""
+        version = -1
+        while True:
+            version = self._job.wait_change(version, timeout=interval)
+            status = self.status(with_logs)
+            yield status
+            if isinstance(status, Completed):
+                return
+
+    def get(self, timeout: float | None = None) -> dict[str, Any]:
+        if not self._job.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} still running after {timeout} s")
+        return job_result(self._job)
+
+    def cancel(self) -> str:
+        """"cancelled" (was queued), "requested" (running: stops at its next step), or "completed" (too late)."""
+        return self._service.queue.cancel(self.request_id)
+
+
+class AsyncRequestHandle:
+    """`RequestHandle` for asyncio: waiting never blocks the event loop (the worker wakes it)."""
+
+    def __init__(self, service: "FalService", job: Job):
+        self._service = service
+        self._job = job
+        self.request_id = job.id
+
+    async def status(self, with_logs: bool = False) -> Status:
+        return job_status(self._job, self._service.queue, with_logs)
+
+    async def iter_events(self, with_logs: bool = False, interval: float = 1.0) -> AsyncIterator[Status]:
+        version = -1
+        while True:
+            version = await wait_change_async(self._job, version, interval)
+            status = job_status(self._job, self._service.queue, with_logs)
+            yield status
+            if isinstance(status, Completed):
+                return
+
+    async def get(self) -> dict[str, Any]:
+        while not self._job.done:
+            await wait_change_async(self._job, self._job.version, None)
+        return job_result(self._job)
+
+    async def cancel(self) -> str:
+        return self._service.queue.cancel(self.request_id)
+
+
+async def wait_change_async(job: Job, version: int, timeout: float | None) -> int:
+    """Await `job.version != version` (or completion, or `timeout`) without holding a thread."""
+    loop = asyncio.get_running_loop()
+    changed = asyncio.Event()
+
+    def wake() -> None:
+        try:
+            loop.call_soon_threadsafe(changed.set)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    unwatch = job.watch(wake)
+    try:
+        if job.version == version and not job.done:
+            try:
+                await asyncio.wait_for(changed.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        unwatch()
+    return job.version
+
+
+# -- the service ---------------------------------------------------------------------------------------------------
+class FalService:
+    """fal's API bound to one engine. `trusted`: callers may name local files (False for HTTP clients)."""
+
+    def __init__(self, engine: "Engine", *, endpoint_overrides: Mapping[str, str] | None = None,
+                 allow_private_urls: bool = False, trusted: bool = True, files: FileStore | None = None,
+                 queue: JobQueue | None = None, timeout_s: float | None = None):
+        self.engine = engine
+        self.table = EndpointTable(endpoint_overrides)
+        self.allow_private_urls = allow_private_urls
+        self.trusted = trusted
+        self.files = files or FileStore()
+        self.queue = queue or queue_for(engine)
+        self.timeout_s = timeout_s
+
+    # -- building blocks (the server uses these) -----------------------------------------------------------------
+    def prepare(self, app_id: str, arguments: Any) -> PreparedCall:
+        """Validate (422 before queueing) and fetch inputs; may block on the network (image URLs)."""
+        return prepare(app_id, arguments, engine=self.engine, table=self.table, trusted=self.trusted,
+                       allow_private_urls=self.allow_private_urls)
+
+    def enqueue(self, call: PreparedCall, *, base_url: str | None = None, webhook_url: str | None = None,
+                want_previews: bool = False, timeout_s: float | None = None,
+                start_timeout_s: float | None = None) -> Job:
+        if webhook_url is not None:
+            self._check_webhook(webhook_url)
+        engine, files = self.engine, self.files
+
+        def run(ctx: Any) -> dict[str, Any]:
+            for note in call.notes:
+                ctx.log(note)
+            ctx.log(f"running {call.app_id} on {call.model}")
+            return call.render(call.execute(engine, ctx), files, base_url)
+
+        job = self.queue.submit(run, app_id=call.app_id, timeout_s=timeout_s or self.timeout_s,
+                                start_timeout_s=start_timeout_s, want_previews=want_previews,
+                                meta={"model": call.model, "base_url": base_url})
+        if webhook_url is not None:
+            job.add_done_callback(lambda j: _start_webhook(webhook_url, j, self.allow_private_urls))
+        return job
+
+    def job(self, request_id: str) -> Job:
+        job = self.queue.get(request_id)
+        if job is None:
+            raise RequestNotFoundError(f"no request {request_id!r} (unknown, or its result expired)")
+        return job
+
+    # -- fal's sync API ------------------------------------------------------------------------------------------
+    def submit(self, app_id: str, arguments: dict[str, Any], webhook_url: str | None = None) -> RequestHandle:
+        return RequestHandle(self, self.enqueue(self.prepare(app_id, arguments), webhook_url=webhook_url))
+
+    def run(self, app_id: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        return self.submit(app_id, arguments).get()
+
+    def subscribe(self, app_id: str, arguments: dict[str, Any], with_logs: bool = False,
+                  on_enqueue: Callable[[str], None] | None = None,
+                  on_queue_update: Callable[[Status], None] | None = None) -> dict[str, Any]:
+        handle = self.submit(app_id, arguments)
+        if on_enqueue is not None:
+            on_enqueue(handle.request_id)
+        if on_queue_update is not None:
+            for status in handle.iter_events(with_logs=with_logs):
+                on_queue_update(status)
+        return handle.get()
+
+    def stream(self, app_id: str, arguments: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Progress events ({"type": "progress", step, num_steps, preview}) and then the result."""
+        job = self.enqueue(self.prepare(app_id, arguments), want_previews=True)
+        seq = 0
+        try:
+            while True:
+                events = job.events_after(seq, timeout=1.0)
+                for event in events:
+                    seq = event.seq
+                    if event.kind == "progress":
+                        yield progress_event(job, event.data)
+                if job.done and seq >= len(job.events):
+                    yield job_result(job)
+                    return
+        finally:
+            if not job.done:  # the consumer walked away: free the device
+                self.queue.cancel(job.id)
+
+    def get_handle(self, request_id: str) -> RequestHandle:
+        return RequestHandle(self, self.job(request_id))
+
+    def status(self, request_id: str, with_logs: bool = False) -> Status:
+        return self.get_handle(request_id).status(with_logs)
+
+    def result(self, request_id: str) -> dict[str, Any]:
+        return self.get_handle(request_id).get()
+
+    def cancel(self, request_id: str) -> str:
+        self.job(request_id)
+        return self.queue.cancel(request_id)
+
+    # -- fal's async API -----------------------------------------------------------------------------------------
+    async def submit_async(self, app_id: str, arguments: dict[str, Any],
+                           webhook_url: str | None = None) -> AsyncRequestHandle:
+        call = await asyncio.to_thread(self.prepare, app_id, arguments)
+        return AsyncRequestHandle(self, self.enqueue(call, webhook_url=webhook_url))
+
+    async def run_async(self, app_id: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        return await (await self.submit_async(app_id, arguments)).get()
+
+    async def subscribe_async(self, app_id: str, arguments: dict[str, Any], with_logs: bool = False,
+                              on_enqueue: Callable[[str], None] | None = None,
+                              on_queue_update: Callable[[Status], None] | None = None) -> dict[str, Any]:
+        handle = await self.submit_async(app_id, arguments)
+        if on_enqueue is not None:
+            on_enqueue(handle.request_id)
+        if on_queue_update is not None:
+            async for status in handle.iter_events(with_logs=with_logs):
+                on_queue_update(status)
+        return await handle.get()
+
+    async def stream_async(self, app_id: str, arguments: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        call = await asyncio.to_thread(self.prepare, app_id, arguments)
+        job = self.enqueue(call, want_previews=True)
+        async for event in self.follow_async(job):
+            yield event
+
+    async def follow_async(self, job: Job) -> AsyncIterator[dict[str, Any]]:
+        """A job's progress events, then its result (its error raised); cancels the job if abandoned."""
+        seq = 0
+        try:
+            while True:
+                version = job.version
+                for event in job.events[seq:]:
+                    seq = event.seq
+                    if event.kind == "progress":
+                        yield progress_event(job, event.data)
+                if job.done and seq >= len(job.events):
+                    yield job_result(job)
+                    return
+                await wait_change_async(job, version, 1.0)
+        finally:
+            if not job.done:
+                self.queue.cancel(job.id)
+
+    async def status_async(self, request_id: str, with_logs: bool = False) -> Status:
+        return self.status(request_id, with_logs)
+
+    async def result_async(self, request_id: str) -> dict[str, Any]:
+        return await AsyncRequestHandle(self, self.job(request_id)).get()
+
+    async def cancel_async(self, request_id: str) -> str:
+        return self.cancel(request_id)
+
+    # -- webhooks ------------------------------------------------------------------------------------------------
+    def _check_webhook(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InvalidRequestError("fal_webhook", "must be an http(s) URL")
+        if not self.allow_private_urls:
+            check_public_host(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), "fal_webhook")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:  # a redirect could point anywhere: don't follow
+        return None
+
+
+def _start_webhook(url: str, job: Job, allow_private_urls: bool) -> None:
+    threading.Thread(target=_deliver_webhook, args=(url, job, allow_private_urls), daemon=True,
+                     name=f"webhook-{job.id[:8]}").start()
+
+
+def _deliver_webhook(url: str, job: Job, allow_private_urls: bool) -> None:
+    """POST fal's webhook body once (the host is re-checked at delivery time; redirects are not followed)."""
+    body: dict[str, Any] = {"request_id": job.id, "gateway_request_id": job.id}
+    if job.error is None:
+        body.update(status="OK", payload=job.result, error=None)
+    else:
+        body.update(status="ERROR", payload={"detail": str(job.error), "error_type": error_type_of(job.error)},
+                    error=str(job.error))
+    try:
+        parts = urlsplit(url)
+        if not allow_private_urls:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            check_public_host(parts.hostname or "", port, "fal_webhook")
+        request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        urllib.request.build_opener(_NoRedirect).open(request, timeout=15).close()
+    except Exception as e:  # noqa: BLE001 - a failed delivery is logged, never fatal
+        log.warning("webhook for %s to %s failed: %s", job.id, url, e)
+
+
+class FalMixin:
+    """Gives `Engine` fal's API (`engine.run(...)`, `engine.submit(...)`, ...) through one lazily built service."""
+
+    _fal_lock = threading.Lock()
+
+    @property
+    def fal(self) -> FalService:
+        service = self.__dict__.get("_fal_service")
+        if service is None:
+            with FalMixin._fal_lock:
+                service = self.__dict__.get("_fal_service")
+                if service is None:
+                    service = FalService(self)  # type: ignore[arg-type]
+                    self.__dict__["_fal_service"] = service
+        return service
+
+    def run(self, app_id: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        return self.fal.run(app_id, arguments)
+
+    def submit(self, app_id: str, arguments: dict[str, Any], webhook_url: str | None = None) -> RequestHandle:
+        return self.fal.submit(app_id, arguments, webhook_url)
+
+    def subscribe(self, app_id: str, arguments: dict[str, Any], with_logs: bool = False,
+                  on_enqueue: Callable[[str], None] | None = None,
+                  on_queue_update: Callable[[Status], None] | None = None) -> dict[str, Any]:
+        return self.fal.subscribe(app_id, arguments, with_logs, on_enqueue, on_queue_update)
+
+    def stream(self, app_id: str, arguments: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        return self.fal.stream(app_id, arguments)
+
+    async def run_async(self, app_id: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        return await self.fal.run_async(app_id, arguments)
+
+    async def submit_async(self, app_id: str, arguments: dict[str, Any],
+                           webhook_url: str | None = None) -> AsyncRequestHandle:
+        return await self.fal.submit_async(app_id, arguments, webhook_url)
+
+    async def subscribe_async(self, app_id: str, arguments: dict[str, Any], with_logs: bool = False,
+                              on_enqueue: Callable[[str], None] | None = None,
+                              on_queue_update: Callable[[Status], None] | None = None) -> dict[str, Any]:
+        return await self.fal.subscribe_async(app_id, arguments, with_logs, on_enqueue, on_queue_update)
+
+    def stream_async(self, app_id: str, arguments: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        return self.fal.stream_async(app_id, arguments)
