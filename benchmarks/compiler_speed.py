@@ -97,7 +97,7 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
     rows = [{"preset": "diffusers fp32 eager", "first_image_s": warm[0], "median_s": statistics.median(times),
              "runs_s": times, "psnr_db": None, "speedup": 1.0}]
     base = rows[0]["median_s"]
-    del pipe
+    pipe = None  # free the stock pipeline before the engine loads its own copy
     for level in args.levels:
         print(f"[{model}] engine {level} ...", flush=True)
         eng = Engine(device="cpu", opt_level=level)

@@ -70,7 +70,7 @@ def start_server(args: argparse.Namespace, port: int, tmp: Path) -> tuple[subpro
     cert.private_key_pem.write_to_path(str(key_file))
     cert_file.write_bytes(b"".join(p.bytes() for p in cert.cert_chain_pems))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    cmd = [sys.executable, "-m", "engine.server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "engine.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--ssl-certfile", str(cert_file), "--ssl-keyfile", str(key_file), "--device", "cpu", "--preload",
            "--endpoint", f"{args.app}={args.model}", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / "server.log", "wb"))

@@ -87,7 +87,7 @@ def server(tmp_path_factory):
     with open(cert_file, "wb") as f:
         for pem in cert.cert_chain_pems:
             f.write(pem.bytes())
-    cmd = [sys.executable, "-m", "engine.server.cli", "serve", "--host", "127.0.0.1", "--port", str(PORT),
+    cmd = [sys.executable, "-m", "engine.cli", "serve", "--host", "127.0.0.1", "--port", str(PORT),
            "--ssl-certfile", str(cert_file), "--ssl-keyfile", str(key_file), "--api-key", API_KEY,
            "--device", "cpu", "--preload", "--log-level", "warning"]
     for app, model in ENDPOINTS.items():

@@ -12,7 +12,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -81,26 +81,3 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 log_level=args.log_level, workers=1, timeout_graceful_shutdown=5)
     app.state.service.queue.shutdown(cancel_pending=True, timeout=5.0)
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="engine")
-    add_serve_parser(parser.add_subparsers(dest="command", required=True))
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry (`python -m engine.server.cli serve ...`), for when `engine.cli` lacks the subcommand."""
-    from ..errors import EngineError
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except EngineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
