@@ -221,7 +221,25 @@ class LoraManager:
         if not slots:
             return
         scales = {f"slot{i}": lo.scale for i, lo in enumerate(loras)}
-        self.pipe.set_adapters(slots, adapter_weights=[scales.get(s, 0.0) for s in slots])
+        self._set_slot_scales(slots, [scales.get(s, 0.0) for s in slots])
+
+    def _set_slot_scales(self, slots: list[str], weights: list[float]) -> None:
+        """`set_adapters`, keeping each layer's scaling the tensor it was made for compiled hot-swapping.
+
+        PEFT's `set_scale` stores a Python float, which replaces the tensor `prepare_model_for_compiled_hotswap`
+        put there; compiled code then guards on the float's value and recompiles when a new scale comes. So the
+        new value is written into the old tensor in place instead."""
+        layers = self._lora_layers()
+        tensors = {(id(layer), name): value for layer in layers for name, value in layer.scaling.items()
+                   if isinstance(value, torch.Tensor)}
+        self.pipe.set_adapters(slots, adapter_weights=weights)
+        with torch.no_grad():
+            for layer in layers:
+                for name, value in list(layer.scaling.items()):
+                    tensor = tensors.get((id(layer), name))
+                    if tensor is not None and not isinstance(value, torch.Tensor):
+                        tensor.fill_(float(value))
+                        layer.scaling[name] = tensor
 
     # -- fusing -----------------------------------------------------------------------------------------------------
     def _lora_layers(self) -> list[Any]:

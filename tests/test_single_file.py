@@ -211,11 +211,21 @@ def test_no_matching_candidate(tiny, files, tmp_path):
     assert str(wrong) in text and "unet: " in text
 
 
-def test_arch_candidates():
+def test_arch_candidates_build_random_weight_models_only_when_reached(monkeypatch):
+    import itertools
+
+    from engine.loading import single_file
+    from engine.registry import registry
+
+    built: list[str] = []
+    monkeypatch.setattr(single_file, "ensure_tiny_model", lambda name: built.append(name) or Path("/built") / name)
     sdxl = arch_candidates("sdxl")
-    assert sdxl[0] == configs_dir() / "arch" / "sdxl"
-    assert len(sdxl) == len(set(sdxl)) == 2  # sdxl and sdxl-turbo share one arch folder; plus tiny-sdxl
-    assert [p.name for p in arch_candidates("flux")[:2]] == ["flux-dev", "flux-schnell"]
+    assert next(sdxl) == configs_dir() / "arch" / "sdxl" and not built  # shipped configs first, nothing built
+    everything = [configs_dir() / "arch" / "sdxl", *sdxl]
+    assert len(everything) == len(set(everything))  # sdxl and sdxl-turbo share one arch folder
+    tiny = [s.tiny_config for s in registry().values() if s.family == "sdxl" and s.is_tiny]
+    assert built == list(dict.fromkeys(tiny)) and {"sdxl", "sdxl-small"} <= set(built)
+    assert [p.name for p in itertools.islice(arch_candidates("flux"), 2)] == ["flux-dev", "flux-schnell"]
 
 
 def test_arch_folder_without_tokenizers_names_what_is_missing(monkeypatch):

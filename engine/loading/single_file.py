@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -365,7 +365,7 @@ def _try_candidate(folder: Path, family: str, parts: dict[str, tuple[FilePart, s
         return f"{type(e).__name__}: {e}"
 
 
-def _choose(candidates: Sequence[Path], family: str, parts: dict[str, tuple[FilePart, str]], ckpt: Checkpoint
+def _choose(candidates: Iterable[Path], family: str, parts: dict[str, tuple[FilePart, str]], ckpt: Checkpoint
             ) -> _Match:
     reasons = []
     for folder in candidates:
@@ -496,22 +496,20 @@ def load_missing_components(folder: Path, names: Sequence[str], *, torch_dtype: 
 # --------------------------------------------------------------------------------------------------- public API
 
 
-def arch_candidates(family: str) -> list[Path]:
-    """Config folders to try for a single file of `family`: configs/arch folders of its registry models, then the
-    tiny models (built offline if needed)."""
+def arch_candidates(family: str) -> Iterator[Path]:
+    """Config folders to try for a single file of `family`, in order: configs/arch folders of its registry models,
+    then the offline random-weight models. Lazy: a random-weight model is built only when the shipped configs did
+    not match, so loading a real checkpoint never builds the 400 MB benchmark models (small-sdxl, small-flux)."""
     get_family(family)
-    arch: list[Path] = []
-    tiny: list[Path] = []
-    for spec in registry().values():
-        if spec.family != family:
-            continue
-        if spec.arch and (configs_dir() / "arch" / spec.arch).is_dir():
-            folder = configs_dir() / "arch" / spec.arch
-            if folder not in arch:
-                arch.append(folder)
-        if spec.is_tiny and spec.tiny_config:
-            tiny.append(ensure_tiny_model(spec.tiny_config))
-    return arch + tiny
+    specs = [spec for spec in registry().values() if spec.family == family]
+    seen: set[Path] = set()
+    for spec in specs:
+        folder = configs_dir() / "arch" / spec.arch if spec.arch else None
+        if folder is not None and folder not in seen and folder.is_dir():
+            seen.add(folder)
+            yield folder
+    for name in dict.fromkeys(spec.tiny_config for spec in specs if spec.is_tiny and spec.tiny_config):
+        yield ensure_tiny_model(name)
 
 
 def _file_parts(layout: LayoutSpec, ckpt: Checkpoint) -> dict[str, tuple[FilePart, str]]:
