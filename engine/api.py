@@ -48,6 +48,7 @@ class _Slot:
         self.pipeline = _pipeline_class(loaded.family.pipeline)(loaded.components, device, loaded.pipeline_config)
         self.pipeline.prompt_cache = state.get("prompt_cache")
         self.pipeline.run_context = state.get("run_context")
+        self.exported: dict[str, str] = dict(state.get("backend", {}))  # component -> backend running its graph
         self.loras: LoraManager | None = None  # created on the first request with adapters
 
     def lora_manager(self) -> LoraManager:
@@ -202,6 +203,11 @@ class Engine(FalMixin):
             raise InvalidRequestError("request", "pass either a GenerateRequest or keyword fields, not both")
         slot = self._slot(request.model)
         params = self._resolve(request, slot.loaded)
+        denoiser = slot.loaded.family.denoiser
+        if request.loras and denoiser in slot.exported:
+            raise InvalidRequestError("loras", f"the {denoiser} of {request.model} runs as an exported "
+                                      f"{slot.exported[denoiser]} graph, which cannot take LoRA adapters; load it "
+                                      "with backend='torch' to use LoRAs")
         # Fetch adapters before taking the device: a download must not hold up other jobs.
         loras = [resolve_lora(spec, i, allow_private_urls=self.allow_private_urls) for i, spec in enumerate(request.loras)]
         params = dataclasses.replace(params, lora_key=tuple((lo.sha256, lo.scale) for lo in loras))

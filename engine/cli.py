@@ -1,4 +1,4 @@
-"""Command line: `engine generate`, `engine models`."""
+"""Command line: `engine generate | upscale | models | schedulers | serve`."""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ def _output_paths(out: str, count: int) -> list[Path]:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .api import Engine
 
-    engine = Engine(device=args.device, opt_level=args.opt_level, allow_pickle=args.allow_pickle)
+    overrides = {"backend": args.backend} if args.backend else None
+    engine = Engine(device=args.device, opt_level=args.opt_level, compile_config=overrides,
+                    allow_pickle=args.allow_pickle)
     engine.load(args.model, config=args.config)
     if args.verbose:
         print(engine.optimization_report(args.model))
@@ -107,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--config", help="for a single file: registry id or diffusers folder describing its architecture")
     gen.add_argument("--opt-level", choices=["O0", "O1", "O2", "O3"],
                      help="optimization level (default: O2 on CUDA, O0 elsewhere)")
+    gen.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"],
+                     help="runtime of the denoiser and VAE decoder (exported to ONNX for onnxruntime / TensorRT; "
+                          "falls back to the next-best with the reason in --verbose)")
     gen.add_argument("--verbose", action="store_true", help="print the optimization report")
     gen.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints (.ckpt/.bin)")
     gen.set_defaults(func=cmd_generate)

@@ -15,8 +15,8 @@ from engine import Engine, errors
 from engine.compiler import CompileConfig, config_for_level, level_names
 from engine.compiler.compile import compile_counters
 
-ALL_PASSES = {"dtype", "fuse_qkv", "channels_last", "attention", "quant", "cache", "cuda_graphs", "compile",
-              "prompt_cache"}
+ALL_PASSES = {"dtype", "fuse_qkv", "channels_last", "attention", "quant", "cache", "backend", "cuda_graphs",
+              "compile", "prompt_cache"}
 KW = dict(prompt="a lighthouse at dusk", negative_prompt="blurry", width=64, height=64, num_inference_steps=4,
           guidance_scale=5.0, seed=1)
 
@@ -135,6 +135,20 @@ def test_step_cache_skips_blocks_and_keeps_psnr(reference):
     assert images_close(got.images, eng.generate(model="tiny-flux", **kw).images, levels=0, fraction=1.0)[0]
     unet_eng = Engine(device="cpu", compile_config={"cache": "auto"})
     assert unet_eng.optimization_report("tiny-sdxl").status("cache") == "skipped"
+
+
+def test_step_cache_composes_with_compile():
+    """The cache's skip decision is a deliberate graph break (diffusers marks it torch.compiler.disable), so a
+    cached denoiser compiles with fullgraph=False instead of failing; output stays close to the uncached one."""
+    kw = {**KW, "num_inference_steps": 8}
+    ref = Engine(device="cpu").generate(model="tiny-flux", **kw).images
+    eng = Engine(device="cpu", compile_config={"cache": "first_block", "cache_threshold": 0.3, "compile": True})
+    got = eng.generate(model="tiny-flux", **kw)
+    report = eng.optimization_report("tiny-flux")
+    assert report.status("cache") == "applied" and report.status("compile") == "applied"
+    assert "fullgraph=False (the first_block cache decides eagerly)" in report.details("compile")[0]
+    value = psnr(ref, got.images)
+    assert 30.0 <= value < float("inf"), value
 
 
 def test_compile_matches_eager_and_does_not_recompile_in_bucket(reference):

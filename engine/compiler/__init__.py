@@ -9,6 +9,7 @@ import torch
 
 from ..families import FamilySpec
 from .attention import apply_attention
+from .backend import apply_backend
 from .cache import apply_cache
 from .compile import apply_compile, apply_cuda_graphs
 from .config import CompileConfig, config_for_level, level_names, resolve_config
@@ -19,7 +20,9 @@ from .prompt_cache import PromptCache, apply_prompt_cache
 from .quant import apply_quant
 from .report import OptimizationReport, PassResult
 
-# Order matters: dtype before everything; fusing before quantizing; compile last (it captures the final modules).
+# Order matters: dtype before everything; fusing before quantizing; the export backend after every pass that changes
+# the modules it exports (and it reports a quantized or cached denoiser as staying on torch); compile last (it
+# captures the final modules, and leaves the exported ones alone).
 PASSES: list[Callable[[PassContext], None]] = [
     apply_dtype,
     apply_fuse_qkv,
@@ -27,6 +30,7 @@ PASSES: list[Callable[[PassContext], None]] = [
     apply_attention,
     apply_quant,
     apply_cache,
+    apply_backend,
     apply_cuda_graphs,
     apply_compile,
     apply_prompt_cache,

@@ -39,4 +39,5 @@ def apply_cache(ctx: PassContext) -> None:
     except Exception as e:  # a cache kind the installed diffusers cannot apply to this model
         ctx.report.skipped("cache", f"{kind}: {type(e).__name__}: {e}")
         return
+    ctx.state["cache"] = kind
     ctx.report.applied("cache", f"{kind} cache on {type(model).__name__}, threshold {ctx.config.cache_threshold}")

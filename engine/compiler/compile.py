@@ -36,26 +36,49 @@ def apply_cuda_graphs(ctx: PassContext) -> None:
     if not ctx.config.compile:
         ctx.report.skipped("cuda_graphs", "needs compile (CUDA graphs are captured by torch.compile's reduce-overhead)")
         return
+    if ctx.family.denoiser in ctx.state.get("backend", {}):
+        ctx.report.skipped("cuda_graphs", f"the {ctx.family.denoiser} runs on {ctx.state['backend'][ctx.family.denoiser]}"
+                           " (exported graph)")
+        return
     ctx.state["compile_mode"] = "reduce-overhead"
     ctx.report.applied("cuda_graphs", "torch.compile mode reduce-overhead (CUDA graph trees)")
 
 
 def apply_compile(ctx: PassContext) -> None:
+    """Compile what still runs in PyTorch: components the backend pass exported are left alone (and said so)."""
     if not ctx.config.compile:
         ctx.report.skipped("compile", "disabled in config")
         return
+    exported: dict[str, str] = ctx.state.get("backend", {})
+    denoiser_name = ctx.family.denoiser
+    for name in (denoiser_name, "vae"):
+        if name in exported and (name != "vae" or ctx.config.compile_vae):
+            what = "vae decoder" if name == "vae" else name
+            ctx.report.skipped("compile", f"{what}: runs on {exported[name]} (exported graph), not compiled")
+    todo_denoiser = denoiser_name not in exported
+    todo_vae = ctx.config.compile_vae and "vae" not in exported
+    if not (todo_denoiser or todo_vae):
+        return
     cache = use_compile_cache(ctx.device)
     kwargs = _compile_kwargs(ctx)
-    model = ctx.denoiser
-    blocks = getattr(model, "_repeated_blocks", None)
-    if blocks:
-        model.compile_repeated_blocks(**kwargs)
-        what = f"{type(model).__name__} blocks {', '.join(blocks)}"
-    else:
-        model.compile(**kwargs)
-        what = f"{type(model).__name__} whole model"
-    done = [what]
-    if ctx.config.compile_vae:
+    done = []
+    if todo_denoiser:
+        model = ctx.denoiser
+        blocks = getattr(model, "_repeated_blocks", None)
+        denoiser_kwargs = kwargs
+        if ctx.state.get("cache") and kwargs["fullgraph"]:
+            # The step cache decides whether to skip the remaining blocks in a function diffusers marks
+            # torch.compiler.disable: a deliberate graph break inside the first block.
+            denoiser_kwargs = {**kwargs, "fullgraph": False}
+        if blocks:
+            model.compile_repeated_blocks(**denoiser_kwargs)
+            done.append(f"{type(model).__name__} blocks {', '.join(blocks)}")
+        else:
+            model.compile(**denoiser_kwargs)
+            done.append(f"{type(model).__name__} whole model")
+        if denoiser_kwargs is not kwargs:
+            done[-1] += f" with fullgraph=False (the {ctx.state['cache']} cache decides eagerly)"
+    if todo_vae:
         ctx.components["vae"].decoder.compile(**{**kwargs, "fullgraph": False})
         done.append("vae decoder")
     ctx.state["compiled"] = True

@@ -30,6 +30,8 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     serve.add_argument("--device", default="auto")
     serve.add_argument("--opt-level", choices=["O0", "O1", "O2", "O3"],
                        help="optimization level (default: O2 on CUDA, O0 elsewhere)")
+    serve.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"],
+                       help="runtime of the denoiser and VAE decoder (LoRA requests need torch)")
     serve.add_argument("--allow-private-urls", action="store_true",
                        help="let image_url / webhooks reach private, loopback and link-local addresses")
     serve.add_argument("--timeout", type=float, help="per-request limit in seconds (queueing plus running)")
@@ -65,7 +67,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
         print("error: --ssl-certfile and --ssl-keyfile go together", file=sys.stderr)
         return 2
-    engine = Engine(device=args.device, opt_level=args.opt_level, allow_private_urls=args.allow_private_urls)
+    engine = Engine(device=args.device, opt_level=args.opt_level, allow_private_urls=args.allow_private_urls,
+                    compile_config={"backend": args.backend} if args.backend else None)
     app = create_app(engine, api_key=args.api_key, allow_private_urls=args.allow_private_urls,
                      endpoint_overrides=overrides, timeout_s=args.timeout, retention_s=args.retention,
                      files=FileStore(args.files_dir, ttl_s=args.retention) if args.files_dir else None)

@@ -1,0 +1,374 @@
+"""ONNX / TensorRT backends: exported components match torch, whole generations match the torch backend, artifacts
+are reused across processes, bad artifacts are rebuilt, builds are not duplicated, TensorRT is skipped with its
+reason where it cannot run, and the TensorRT build's pure parts (profiles, precision plans, cache keys)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import torch
+from conftest import images_close
+
+from engine import Engine
+from engine.compiler import CompileConfig, optimize
+from engine.compiler.export import ort, store, tensorrt
+from engine.compiler.export.modules import ExportedModule
+from engine.compiler.export.onnx_export import EXTERNAL_DATA_FILE, MODEL_FILE, Dim, ExportSpec, TensorSpec, export_onnx
+from engine.compiler.export.specs import SizeProfile, vae_decoder_spec
+from engine.loading import load_model
+
+pytest.importorskip("onnxruntime")  # the extra `engine[onnx]`; the engine imports it only when a backend asks
+pytest.importorskip("onnx")
+
+CPU = torch.device("cpu")
+ORT = {"backend": "onnxruntime"}
+KW = dict(prompt="a lighthouse at dusk", negative_prompt="blurry", width=64, height=64, num_inference_steps=2,
+          guidance_scale=5.0, seed=3)
+ARTIFACT = re.compile(r"(onnx-[\w-]+|trt-\w+) (reused from cache|exported in [\d.]+ s|built)")
+
+
+def backend_details(report) -> list[str]:
+    return report.details("backend")
+
+
+def artifact_of(report, component: str) -> tuple[str, str]:
+    """(artifact key, how it was obtained) of one component, from its report line."""
+    line = next(d for d in backend_details(report) if d.startswith(f"{component}: onnxruntime"))
+    key, how = ARTIFACT.search(line).groups()
+    return key, how
+
+
+@pytest.fixture(scope="module")
+def reference():
+    eng = Engine(device="cpu")
+    return {m: eng.generate(model=m, **KW).images for m in ("tiny-sdxl", "tiny-flux")}
+
+
+@pytest.fixture(scope="module", params=["tiny-sdxl", "tiny-flux"])
+def exported(request):
+    """(originals, replaced components, report) after the backend pass on a freshly loaded tiny model."""
+    loaded = load_model(request.param)
+    originals = dict(loaded.components)
+    report, _ = optimize(loaded.components, loaded.family, CPU, CompileConfig(backend="onnxruntime"))
+    return loaded.family, originals, loaded.components, report
+
+
+# -- exported components --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pick", ["min", "opt", "trace"])
+def test_exported_components_match_torch(exported, pick):
+    """Denoiser (SDXL UNet / FLUX transformer) and VAE decoder on the CPU provider vs torch, fp32, within 1e-4, at
+    the profile's min and opt shapes (batch, resolution and prompt length other than the traced ones)."""
+    family, originals, replaced, report = exported
+    for name in (family.denoiser, "vae"):
+        wrapper = replaced[name]
+        assert isinstance(wrapper, ExportedModule), backend_details(report)
+        assert "CPUExecutionProvider" in wrapper.runner.description
+        inputs = wrapper.spec.example_inputs(torch.float32, CPU, pick=pick, seed=7)
+        with torch.inference_mode():
+            got = wrapper.spec.call(wrapper, inputs)  # the wrapper through the original's call signature
+            want = wrapper.spec.call(originals[name], inputs)
+        assert got.shape == want.shape
+        assert (got - want).abs().max().item() < 1e-4, (name, pick)
+
+
+def test_stand_ins_look_like_the_originals(exported):
+    family, originals, replaced, _ = exported
+    for name in (family.denoiser, "vae"):
+        wrapper, original = replaced[name], originals[name]
+        assert wrapper.config is original.config
+        assert next(wrapper.parameters()).dtype == torch.float32 and wrapper.device == CPU
+    if family.name == "sdxl":
+        unet = replaced["unet"]
+        assert unet.add_embedding.linear_1.in_features == originals["unet"].add_embedding.linear_1.in_features
+        x = unet.spec.example_inputs(torch.float32, CPU, pick="min")
+        with pytest.raises(NotImplementedError, match="mid_block_additional_residual"):
+            unet(x["sample"], 1.0, x["encoder_hidden_states"], mid_block_additional_residual=x["sample"],
+                 added_cond_kwargs={"text_embeds": x["text_embeds"], "time_ids": x["time_ids"]})
+        with pytest.raises(ValueError, match="outside the exported profile"):
+            replaced["vae"].decode(torch.zeros(1, 4, 4, 4), return_dict=False)
+        with pytest.raises(RuntimeError, match="load the model again"):
+            unet.to(torch.float16)
+
+
+def test_large_models_use_one_external_data_file(tmp_path):
+    """The >2 GB path, forced with a zero threshold on the tiny VAE: one data file beside the graph; checked and run."""
+    import onnxruntime
+
+    loaded = load_model("tiny-sdxl")
+    vae = loaded.components["vae"]
+    spec = vae_decoder_spec(vae, SizeProfile.for_family(loaded.family, vae))
+    meta = export_onnx(vae, spec, tmp_path, dtype=torch.float32, device=CPU, external_data_threshold=0)
+    assert meta["external_data"] and sorted(p.name for p in tmp_path.iterdir()) == [MODEL_FILE, EXTERNAL_DATA_FILE]
+    assert (tmp_path / EXTERNAL_DATA_FILE).stat().st_size > (tmp_path / MODEL_FILE).stat().st_size
+    session = onnxruntime.InferenceSession(str(tmp_path / MODEL_FILE), providers=["CPUExecutionProvider"])
+    z = spec.example_inputs(torch.float32, CPU, pick="min")["latents"]
+    with torch.inference_mode():
+        want = vae.decode(z, return_dict=False)[0]
+    got = torch.from_numpy(session.run(None, {"latents": z.numpy()})[0])
+    assert (got - want).abs().max().item() < 1e-4
+
+
+# -- whole generations ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-flux"])
+def test_generate_on_onnxruntime_matches_torch(reference, model):
+    eng = Engine(device="cpu", compile_config=ORT)
+    images = eng.generate(model=model, **KW).images
+    ok, fraction = images_close(images, reference[model])
+    assert ok, f"{model}: only {fraction:.4%} of values within 1 level"
+    report = eng.optimization_report(model)
+    assert report.status("backend") == "applied"
+    assert {d.split(":")[0] for d in backend_details(report)} == {report_denoiser(model), "vae"}
+
+
+def report_denoiser(model: str) -> str:
+    return "unet" if "sd" in model else "transformer"
+
+
+def test_torch_backend_is_reported():
+    report = Engine(device="cpu").optimization_report("tiny-sdxl")
+    assert report.status("backend") == "skipped" and "torch requested" in backend_details(report)[0]
+
+
+def test_tensorrt_is_skipped_here_and_onnxruntime_runs(reference):
+    eng = Engine(device="cpu", compile_config={"backend": "tensorrt"})
+    report = eng.optimization_report("tiny-sdxl")
+    details = backend_details(report)
+    assert any(d.startswith("tensorrt: no CUDA device (device is cpu); falling back to onnxruntime") for d in details)
+    assert [d.split(" ")[:2] for d in details if d.startswith(("unet", "vae"))] == [
+        ["unet:", "onnxruntime"], ["vae:", "onnxruntime"]]
+    ok, _ = images_close(eng.generate(model="tiny-sdxl", **KW).images, reference["tiny-sdxl"])
+    assert ok
+
+
+def test_missing_onnxruntime_is_reported_and_torch_runs(monkeypatch, reference):
+    monkeypatch.setattr(ort, "installed", lambda: False)
+    eng = Engine(device="cpu", compile_config={"backend": "tensorrt"})
+    assert backend_details(eng.optimization_report("tiny-sdxl")) == [
+        "tensorrt: no CUDA device (device is cpu); staying on torch",
+        "onnxruntime: package not installed (pip install 'engine[onnx]'); staying on torch",
+        "no exported backend can run here: the denoiser and VAE decoder stay on torch"]
+    assert images_close(eng.generate(model="tiny-sdxl", **KW).images, reference["tiny-sdxl"], levels=0)[0]
+
+
+def test_quantized_denoiser_stays_on_torch_with_reason():
+    eng = Engine(device="cpu", compile_config={**ORT, "quant": "int8_weight_only"})
+    details = backend_details(eng.optimization_report("tiny-sdxl"))
+    assert any(d.startswith("unet: weights are torchao-quantized") and "stays on torch" in d for d in details)
+    assert any(d.startswith("vae: onnxruntime") for d in details)
+    assert eng.generate(model="tiny-sdxl", **KW).images
+
+
+def test_compile_leaves_exported_components_alone():
+    eng = Engine(device="cpu", compile_config={**ORT, "compile": True, "compile_vae": True, "cuda_graphs": "auto"})
+    report = eng.optimization_report("tiny-sdxl")
+    assert report.status("backend") == "applied" and report.status("compile") == "skipped"
+    assert report.details("compile") == ["unet: runs on onnxruntime (exported graph), not compiled",
+                                         "vae decoder: runs on onnxruntime (exported graph), not compiled"]
+
+
+def test_loras_on_an_exported_denoiser_are_refused_clearly(tmp_path):
+    from engine import errors
+
+    eng = Engine(device="cpu", compile_config=ORT)
+    eng.load("tiny-sdxl")
+    lora = tmp_path / "x.safetensors"
+    lora.write_bytes(b"not read: refused before any file is opened")
+    with pytest.raises(errors.InvalidRequestError, match="exported onnxruntime graph") as info:
+        eng.generate(model="tiny-sdxl", **KW, loras=[{"path": str(lora)}])
+    assert info.value.field == "loras"
+    assert eng.generate(model="tiny-sdxl", **KW).images  # the engine stays usable
+
+
+def test_cli_backend_flag(tmp_path, capsys):
+    from engine.cli import main
+
+    out = tmp_path / "img.png"
+    assert main(["generate", "--model", "tiny-sd15", "--prompt", "a red cube", "--width", "64", "--height", "64",
+                 "--steps", "1", "--seed", "1", "--backend", "onnxruntime", "--verbose", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"backend +applied +unet: onnxruntime CPUExecutionProvider", printed), printed
+    assert out.is_file()
+
+
+# -- the artifact store --------------------------------------------------------------------------------------
+
+
+NEW_PROCESS = textwrap.dedent("""
+    import json
+    from engine import Engine
+    from engine.compiler.export import stats
+    eng = Engine(device="cpu", compile_config={"backend": "onnxruntime"})
+    eng.generate(model="tiny-sdxl", prompt="a lighthouse", width=64, height=64, num_inference_steps=1, seed=0)
+    print("STATS" + json.dumps(stats()))
+""")
+
+
+def test_a_new_process_reuses_the_exported_artifacts():
+    Engine(device="cpu", compile_config=ORT).load("tiny-sdxl")  # make sure both artifacts exist on disk
+    out = subprocess.run([sys.executable, "-c", NEW_PROCESS], env=dict(os.environ), capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    counters = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("STATS"))[5:])
+    assert counters == {"hits": 2, "builds": 0, "rebuilds": 0}
+
+
+def test_a_truncated_artifact_is_rebuilt(reference):
+    report = Engine(device="cpu", compile_config=ORT).optimization_report("tiny-sdxl")
+    key, _ = artifact_of(report, "vae")
+    graph = store.store_root() / key / MODEL_FILE
+    size = graph.stat().st_size
+    with open(graph, "r+b") as f:
+        f.truncate(size // 2)
+    before = store.stats()
+    eng = Engine(device="cpu", compile_config=ORT)
+    again = eng.optimization_report("tiny-sdxl")
+    assert store.stats()["rebuilds"] == before["rebuilds"] + 1
+    assert artifact_of(again, "vae")[0] == key and artifact_of(again, "vae")[1].startswith("exported")
+    assert graph.stat().st_size == size
+    assert images_close(eng.generate(model="tiny-sdxl", **KW).images, reference["tiny-sdxl"])[0]
+
+
+def _write(folder, data: bytes = b"graph") -> dict:
+    (folder / "model.onnx").write_bytes(data)
+    return {"note": "test"}
+
+
+def test_store_verifies_contents_not_just_presence():
+    key = f"test-verify-{os.getpid()}-{time.monotonic_ns()}"
+    first = store.get_or_build(key, _write)
+    assert not first.reused and first.meta == {"note": "test"}
+    assert store.get_or_build(key, _write).reused
+    (first.path / "model.onnx").write_bytes(b"grapX")  # same size, other bytes
+    before = store.stats()["rebuilds"]
+    assert not store.get_or_build(key, _write).reused and store.stats()["rebuilds"] == before + 1
+    (first.path / store.MANIFEST).unlink()  # an interrupted copy: files without a manifest
+    assert not store.get_or_build(key, _write).reused
+
+
+def test_store_build_failure_leaves_nothing():
+    key = f"test-fail-{os.getpid()}-{time.monotonic_ns()}"
+
+    def fail(folder):
+        (folder / "model.onnx").write_bytes(b"half")
+        raise RuntimeError("exporter crashed")
+
+    with pytest.raises(RuntimeError, match="exporter crashed"):
+        store.get_or_build(key, fail)
+    assert not (store.store_root() / key).exists()
+    assert not [p for p in store.store_root().iterdir() if p.name.startswith(f".{key}")]
+
+
+def test_a_build_in_progress_is_waited_for_not_duplicated():
+    """A second caller (here a thread with its own lock handle, as another process would have) blocks on the file
+    lock while the first builds, then reuses the result without building."""
+    key = f"test-lock-{os.getpid()}-{time.monotonic_ns()}"
+    started, release = threading.Event(), threading.Event()
+    calls: list[str] = []
+
+    def slow(folder):
+        calls.append("slow")
+        started.set()
+        assert release.wait(30)
+        return _write(folder)
+
+    def fast(folder):
+        calls.append("fast")
+        return _write(folder)
+
+    results = {}
+    first = threading.Thread(target=lambda: results.setdefault("first", store.get_or_build(key, slow)))
+    first.start()
+    assert started.wait(30)
+    second = threading.Thread(target=lambda: results.setdefault("second", store.get_or_build(key, fast)))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive(), "the second caller should be waiting for the lock"
+    release.set()
+    first.join(30)
+    second.join(30)
+    assert calls == ["slow"] and results["second"].reused and not results["first"].reused
+
+
+# -- TensorRT and provider selection: pure parts -----------------------------------------------------------------
+
+
+def _spec() -> ExportSpec:
+    batch, h, w = Dim("batch", 1, 2, 16, 2), Dim("h", 8, 128, 512, 9), Dim("w", 8, 128, 512, 11)
+    text = Dim("text_len", 1, 77, 77, 77)
+    return ExportSpec(component="unet", inputs=(TensorSpec("sample", (batch, 4, h, w)),
+                                                TensorSpec("timestep", (batch,), "fp32"),
+                                                TensorSpec("encoder_hidden_states", (batch, text, 2048))),
+                      output="noise_pred", output_axes={0: "batch"}, output_shape=lambda x: (1,), call=lambda m, x: x)
+
+
+def test_tensorrt_profile_shapes():
+    shapes = tensorrt.profile_shapes(_spec())
+    assert shapes["sample"] == ((1, 4, 8, 8), (2, 4, 128, 128), (16, 4, 512, 512))
+    assert shapes["timestep"] == ((1,), (2,), (16,))
+    assert shapes["encoder_hidden_states"] == ((1, 1, 2048), (2, 77, 2048), (16, 77, 2048))
+
+
+def test_family_profiles_cover_what_requests_can_ask():
+    loaded = load_model("tiny-sdxl")
+    profile = SizeProfile.for_family(loaded.family, loaded.components["vae"])
+    assert (profile.min_px, profile.opt_px, profile.max_px, profile.images) == (64, 128, 4096, 8)
+    spec = vae_decoder_spec(loaded.components["vae"], profile)
+    assert tensorrt.profile_shapes(spec)["latents"] == ((1, 4, 8, 8), (1, 4, 16, 16), (8, 4, 512, 512))
+    with pytest.raises(ValueError):
+        Dim("bad", 4, 2, 8, 4)
+
+
+def test_tensorrt_precision_plans():
+    for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        plan = tensorrt.precision_plan(name)
+        assert plan.export_dtype == dtype and plan.network_flags == ("STRONGLY_TYPED",) and not plan.builder_flags
+        assert not plan.note
+    fp8 = tensorrt.precision_plan("fp8", half="bf16")
+    assert fp8.export_dtype == torch.bfloat16 and "Q/DQ" in fp8.note
+    with pytest.raises(ValueError, match="int4"):
+        tensorrt.precision_plan("int4")
+    assert tensorrt.precision_for(torch.bfloat16, "none") == "bf16"
+    assert tensorrt.precision_for(torch.float16, "fp8") == "fp8"
+    assert tensorrt.precision_for(torch.float32, "int8_weight_only") == "fp32"
+
+
+def test_tensorrt_engine_keys():
+    spec = _spec()
+    base = dict(onnx_key="onnx-unet-abc", spec=spec, precision="fp16", trt_version="10.13.0", device_tag="cuda-H100")
+    key = tensorrt.engine_key(**base)
+    assert key == tensorrt.engine_key(**base) and key.startswith("trt-")
+    wider = ExportSpec(**{**spec.__dict__, "inputs": (TensorSpec("sample", (Dim("batch", 1, 2, 32, 2), 4, 8, 8)),)})
+    for change in ({"precision": "bf16"}, {"trt_version": "10.14.0"}, {"device_tag": "cuda-L4"},
+                   {"onnx_key": "onnx-unet-abd"}, {"spec": wider}):
+        assert tensorrt.engine_key(**{**base, **change}) != key, change
+    name = tensorrt.timing_cache_name("10.13.0", "cuda-NVIDIA H100/sm90")
+    assert name == "timing-10.13.0-cuda-NVIDIA_H100_sm90.cache"
+
+
+def test_tensorrt_availability_reasons():
+    assert tensorrt.unavailable_reason(CPU) == "no CUDA device (device is cpu)"
+
+
+def test_onnxruntime_provider_choice():
+    everything = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    cuda = torch.device("cuda", 0)
+    assert ort.provider_order(cuda, everything) == everything
+    assert ort.provider_order(cuda, ["CUDAExecutionProvider", "CPUExecutionProvider"])[0] == "CUDAExecutionProvider"
+    assert ort.provider_order(CPU, everything) == ["CPUExecutionProvider"]
+    assert ort.graph_dtype("CPUExecutionProvider", torch.bfloat16) == (torch.float32,
+                                                                       "bf16 -> fp32 (CPU provider kernels)")
+    assert ort.graph_dtype("CUDAExecutionProvider", torch.float16) == (torch.float16, "")
+    assert ort.graph_dtype("CUDAExecutionProvider", torch.bfloat16)[0] == torch.float32
+    options = ort.provider_options("TensorrtExecutionProvider", cuda, _spec(), torch.float16, store.store_root())
+    assert options["trt_fp16_enable"] and options["trt_profile_min_shapes"].startswith("sample:1x4x8x8,timestep:1,")
+    assert options["trt_profile_max_shapes"].endswith("encoder_hidden_states:16x77x2048")
