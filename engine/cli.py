@@ -1,4 +1,4 @@
-"""Command line: `engine generate | upscale | models | schedulers | serve`."""
+"""Command line: `engine generate | upscale | models | schedulers | serve | bench`."""
 
 from __future__ import annotations
 
@@ -135,9 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     scheds = sub.add_parser("schedulers", help="list scheduler presets and the families they fit")
     scheds.set_defaults(func=cmd_schedulers)
 
+    from .bench.cli import add_bench_parser
     from .server.cli import add_serve_parser
 
     add_serve_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

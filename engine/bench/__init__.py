@@ -1,0 +1,8 @@
+"""The benchmark harness behind `engine bench`: scenarios (benchmarks/scenarios/*.yaml) -> runs -> report.
+
+Lives inside the package (not in benchmarks/) so the console script works from an installed package; the scenario
+files and committed results stay in benchmarks/. Modules: scenario (YAML -> typed scenarios), runner (scenarios ->
+runs), metrics (timers, memory, FLOPs, device peak), quality (PSNR, SSIM), reference (published numbers, projections),
+report (markdown, JSON, PNG), env (versions, device, commit), cli (`engine bench`). Nothing is imported here, so
+registering the CLI command costs no torch import.
+"""

@@ -1,0 +1,145 @@
+"""Benchmark scenarios as data: benchmarks/scenarios/<name>.yaml, resolved for one scale into a typed `Scenario`.
+
+A scenario names one job per scale (tiny/small random-weight models, or the real model id) and the presets to compare
+on it: the stock diffusers pipeline (the baseline) and engine presets (an optimization level plus overrides, a
+few-step scheduler, an export backend). Keeping them as data means a new comparison is a YAML file, not code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SCALES = ("tiny", "small", "real")
+
+
+def scenarios_dir() -> Path:
+    """benchmarks/scenarios beside the package (the repository checkout), like configs/."""
+    return Path(__file__).resolve().parents[2] / "benchmarks" / "scenarios"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One way to run the scenario's job. `stock` is the diffusers pipeline; otherwise an `Engine` configuration."""
+
+    name: str
+    stock: bool = False
+    opt_level: str = "O0"
+    compile_config: dict[str, Any] = field(default_factory=dict)
+    scheduler: str | None = None
+    steps: int | None = None  # overrides the scenario's (few-step presets)
+    guidance_scale: float | None = None
+    quick: bool = True  # part of a --quick run
+    requires: tuple[str, ...] = ()  # "cuda", or importable packages: checked before loading (saves a doomed load)
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "requires", tuple(self.requires))
+
+    def missing_requirement(self, device_type: str) -> str | None:
+        """Why this preset cannot run on `device_type` here, or None."""
+        import importlib.util
+
+        for need in self.requires:
+            if need == "cuda":
+                if device_type != "cuda":
+                    return f"needs a CUDA device (device is {device_type})"
+            elif importlib.util.find_spec(need) is None:
+                return f"needs the {need!r} package (not installed)"
+        return None
+
+    @property
+    def backend(self) -> str:
+        return str(self.compile_config.get("backend", "torch"))
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one preset generates: every field the images depend on (same job + same seed = comparable images)."""
+
+    model: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float | None
+    seed: int
+    prompt: str
+    num_images: int = 1
+    scheduler: str | None = None
+
+    def key(self) -> tuple[Any, ...]:
+        return (self.model, self.width, self.height, self.steps, self.guidance_scale, self.seed, self.prompt,
+                self.num_images, self.scheduler)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    scale: str
+    job: Job
+    presets: tuple[Preset, ...]
+    reference_jobs: tuple[str, ...] = ()  # ids in engine.bench.reference.PUBLISHED_JOBS to project
+    source: str = ""
+
+    def job_for(self, preset: Preset) -> Job:
+        """The job `preset` runs: the scenario's, with the preset's steps (never more), guidance and scheduler."""
+        steps = preset.steps if preset.steps is not None else self.job.steps
+        guidance = preset.guidance_scale if preset.guidance_scale is not None else self.job.guidance_scale
+        return replace(self.job, steps=min(steps, self.job.steps), guidance_scale=guidance,
+                       scheduler=preset.scheduler or self.job.scheduler)
+
+
+def scenario_paths(names: list[str] | None = None) -> list[Path]:
+    """The default scenarios (every YAML in scenarios_dir() with `default: true`), or the given names / paths."""
+    if not names:
+        paths = sorted(scenarios_dir().glob("*.yaml"))
+        return [p for p in paths if _read(p).get("default", True)]
+    out = []
+    for name in names:
+        path = Path(name)
+        if not path.suffix:
+            path = scenarios_dir() / f"{name}.yaml"
+        if not path.is_file():
+            known = ", ".join(p.stem for p in sorted(scenarios_dir().glob("*.yaml")))
+            raise FileNotFoundError(f"no scenario {name!r} (known: {known}; or give a path to a YAML file)")
+        out.append(path)
+    return out
+
+
+def _read(path: Path) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f) or {}
+
+
+def load_scenario(path: Path, scale: str, *, quick: bool = False, model: str | None = None,
+                  steps: int | None = None) -> Scenario:
+    """Resolve `path` for `scale`: the scale's job, with --quick's overrides, then an explicit model id / steps."""
+    data = _read(path)
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    scales = data.get("scales", {})
+    if scale not in scales:
+        raise ValueError(f"scenario {path.stem} has no {scale!r} scale (has: {', '.join(scales)})")
+    job_fields: dict[str, Any] = {"guidance_scale": data.get("guidance_scale"), "prompt": data.get("prompt", "a photo"),
+                                  "seed": data.get("seed", 0), "num_images": data.get("num_images", 1),
+                                  "scheduler": data.get("scheduler"), **scales[scale]}
+    quick_over = dict(data.get("quick", {})) if quick else {}
+    job_fields.update({k: v for k, v in quick_over.items() if k in ("steps", "width", "height")})
+    if model is not None:
+        job_fields["model"] = model
+    if steps is not None:
+        job_fields["steps"] = steps
+    job = Job(**job_fields)
+    presets = tuple(Preset(**p) for p in data.get("presets", []))
+    if quick:
+        presets = tuple(p for p in presets if p.quick)
+    if sum(p.stock for p in presets) > 1:
+        raise ValueError(f"scenario {path.stem}: at most one stock (baseline) preset")
+    # The baseline runs first: every other preset's quality is measured against its images.
+    presets = tuple(sorted(presets, key=lambda p: not p.stock))
+    return Scenario(name=data.get("name", path.stem), description=data.get("description", ""), scale=scale, job=job,
+                    presets=presets, reference_jobs=tuple(data.get("reference_jobs", [])), source=str(path))
