@@ -6,8 +6,9 @@ Presets are O0 (fp32, stock numerics) plus one change each: nothing (torch eager
 (regional torch.compile of the UNet blocks and the VAE decoder, dynamic shapes); `backend="onnxruntime"` (UNet and
 VAE decoder exported to ONNX, CPU execution provider). Each loads the model ("setup": includes the ONNX export, or
 nothing for compile, which is lazy) and makes one image ("first image": includes torch.compile's compilation); then
-`--runs` timed rounds go round-robin over the presets (a shared machine's load hits them alike); median per preset. Agreement with torch eager: PSNR and the share of uint8 values within one level. With an empty
-ENGINE_CACHE_DIR the export and compile costs are real; a reused cache shows them as cache hits in the report.
+`--runs` timed rounds go round-robin over the presets (a shared machine's load hits them alike); median per preset.
+Agreement with torch eager: PSNR and the share of uint8 values within one level. With an empty ENGINE_CACHE_DIR the
+export and compile costs are real; a reused cache shows them as cache hits in the report.
 Results: benchmarks/results/backends_cpu.{md,json}.
 """
 

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import InvalidRequestError, ModelLoadError
 from .loading.stock import build_stock_pipeline
-from .paths import cache_dir
+from .paths import cache_dir, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +46,6 @@ class ResolvedLora:
     sha256: str
     file: Path
     scale: float
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _store(data: bytes) -> tuple[str, Path]:
@@ -96,12 +88,12 @@ def resolve_lora(spec: LoraSpec, index: int, *, allow_private_urls: bool = False
         if file.suffix != ".safetensors":
             raise InvalidRequestError(field, f"{file.name}: only .safetensors LoRA files are loaded (pickle files "
                                       "can run code)", ".safetensors")
-        sha = _sha256_file(file)
+        sha = file_sha256(file)
     elif "://" in path or path.startswith((".", "/", "~")) or path.endswith(".safetensors") and not HUB_FILE.match(path):
         raise InvalidRequestError(field, f"no such file: {path}")
     elif HUB_FILE.match(path):
         file = _from_hub(path, field)
-        sha = _sha256_file(file)
+        sha = file_sha256(file)
     else:
         raise InvalidRequestError(field, f"{path!r} is not a file, an http(s) URL or a hub id")
     _check_safetensors(file, field)

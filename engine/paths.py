@@ -1,7 +1,8 @@
-"""Where the engine finds its shipped configs and keeps its cache."""
+"""Where the engine finds its shipped configs and keeps its cache, and how it names a file by its content."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -21,3 +22,12 @@ def cache_dir() -> Path:
         return Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "engine"
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 8 MiB chunks (cache keys of downloads, artifact manifests)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 23), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

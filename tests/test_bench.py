@@ -61,18 +61,23 @@ def test_quick_run_figures(quick_run: dict[str, Any]) -> None:
     result = quick_run["result"]
     env = result["environment"]
     assert env["torch"] and env["diffusers"] and env["device"] == "cpu" and "git_commit" in env
-    assert {s["name"] for s in result["scenarios"]} == {"sd15", "sdxl", "flux"}
+    assert {s["name"] for s in result["scenarios"]} == {"sd15", "sdxl", "flux", "aurasr"}
     assert result["peaks"]["fp32"]["flops_per_s"] > 0
+    stages = {"text-to-image": {"encode", "denoise", "decode"}, "upscale": {"preprocess", "tiles", "stitch"}}
     for sc in result["scenarios"]:
-        base = _row(sc, "diffusers")
+        task = sc["job"]["task"]
+        base = _row(sc, "aura-sr" if task == "upscale" else "diffusers")
         assert base["status"] == "ok" and base["kind"] == "stock" and base["dtype"] == "fp32"
+        main_stage = "tiles" if task == "upscale" else "denoise"
         for row in (r for r in sc["rows"] if r["status"] == "ok"):
             assert row["timing"]["median_s"] > 0 and row["timing"]["p90_s"] >= row["timing"]["median_s"]
-            assert set(row["stages_s"]) == {"encode", "denoise", "decode"} and row["stages_s"]["denoise"] > 0
+            assert set(row["stages_s"]) == stages[task] and row["stages_s"][main_stage] > 0
             assert row["load_s"] > 0 and row["first_image_s"] > 0 and row["memory"]["peak_bytes"] > 0
             assert row["flops_per_image"] > 0 and 0 < row["utilisation"] < 1.5
             assert row["achieved_flops_per_s"] == pytest.approx(row["flops_per_image"] / row["timing"]["median_s"])
             assert row["speedup"] > 0
+        if task == "upscale":
+            continue
         o0 = _row(sc, "O0")  # stock numerics: bit-identical images
         assert o0["status"] == "ok" and o0["identical"] and o0["ssim"] == pytest.approx(1.0)
         o1 = _row(sc, "O1")
@@ -81,6 +86,23 @@ def test_quick_run_figures(quick_run: dict[str, Any]) -> None:
         assert few["job"]["guidance_scale"] == 0.0 and few["job_differs"] and few["ssim_same_job"] is not None
         stages = next(iter(sc["flops"].values()))["stages"]
         assert all(stages[s] > 0 for s in ("encode", "denoise", "decode"))
+
+
+def test_upscale_scenario_against_the_reference_package(quick_run: dict[str, Any]) -> None:
+    """The reference aura-sr package is the baseline; O0 has its semantics (within one level: it truncates, we
+    round); the tiles stage holds the network's FLOPs; shared style (which the reference cannot run) is compared with
+    the engine's O0 run of the same job."""
+    sc = _scenario(quick_run["result"], "aurasr")
+    o0, shared = _row(sc, "O0"), _row(sc, "shared-style")
+    assert o0["status"] == "ok" and not o0["job_differs"] and o0["psnr_db"] > 45 and o0["ssim"] > 0.99
+    assert shared["status"] == "ok" and shared["job_differs"] and shared["job"]["shared_style"]
+    assert shared["psnr_same_job_db"] is not None and shared["ssim_same_job"] is not None
+    job = sc["job"]
+    with Image.open(quick_run["out"] / "images" / "aurasr" / "O0.png") as img:
+        assert img.size == (4 * job["width"], 4 * job["height"])
+    count = next(iter(sc["flops"].values()))
+    assert count["stages"]["tiles"] > 0.99 * count["total"]
+    assert "preprocess / tiles / stitch (s)" in (quick_run["out"] / "bench.md").read_text()
 
 
 def test_gpu_only_backend_is_skipped_with_reason(quick_run: dict[str, Any]) -> None:
@@ -191,3 +213,23 @@ def test_scenarios_resolve_for_each_scale() -> None:
     assert load_scenario(paths["sdxl"], "real", model="sdxl-turbo").job.model == "sdxl-turbo"
     with pytest.raises(ValueError, match="no 'small' scale"):
         load_scenario(paths["sd15"], "small")
+    upscale = load_scenario(paths["aurasr"], "tiny", quick=True, steps=3)
+    assert upscale.job.task == "upscale" and upscale.job.stages == ("preprocess", "tiles", "stitch")
+    assert upscale.presets[0].stock and "overlapped" not in {p.name for p in upscale.presets}
+    shared = next(p for p in upscale.presets if p.name == "shared-style")
+    assert upscale.job_for(shared).shared_style and not upscale.job.shared_style
+    assert upscale.job_for(shared).steps == upscale.job.steps  # steps mean nothing to an upscaler
+
+
+def test_bad_scenarios_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from engine.bench.cli import main
+
+    assert main(["bench", "--scenario", "no-such-scenario", "--out", str(tmp_path)]) == 2
+    assert "no scenario 'no-such-scenario'" in capsys.readouterr().err
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("name: typo\nscales:\n  tiny: {model: tiny-sd15, width: 64, height: 64}\n"
+                    "presets:\n  - {name: O0, opt_levle: O0}\n")
+    assert main(["bench", "--scenario", str(typo), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "scenario typo:" in err and "opt_levle" in err
+    assert not (tmp_path / "bench.json").exists()

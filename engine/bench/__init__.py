@@ -2,7 +2,8 @@
 
 Lives inside the package (not in benchmarks/) so the console script works from an installed package; the scenario
 files and committed results stay in benchmarks/. Modules: scenario (YAML -> typed scenarios), runner (scenarios ->
-runs), metrics (timers, memory, FLOPs, device peak), quality (PSNR, SSIM), reference (published numbers, projections),
-report (markdown, JSON, PNG), env (versions, device, commit), cli (`engine bench`). Nothing is imported here, so
-registering the CLI command costs no torch import.
+runs), presets (stock and engine runs of text-to-image jobs), upscale (the same for AuraSR: input image, reference
+baseline), metrics (timers, stage probes, memory, FLOPs, device peak), quality (PSNR, SSIM), reference (published
+numbers, projections), report (markdown, JSON, PNG), env (versions, device, commit), cli (`engine bench`). Nothing is
+imported here, so registering the CLI command costs no torch import.
 """

@@ -22,7 +22,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .scenario import load_scenario, scenario_paths
 
     scenarios, notes = [], []
-    for path in scenario_paths(args.scenario):
+    try:
+        paths = scenario_paths(args.scenario)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path in paths:
         try:
             scenarios.append(load_scenario(path, args.scale, quick=args.quick, model=args.model, steps=args.steps))
         except ValueError as e:

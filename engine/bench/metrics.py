@@ -2,7 +2,8 @@
 
 Why hooks for stages: the stock diffusers pipeline has no stage timers, but every pipeline calls its denoiser and then
 its VAE decoder, so forward pre-hooks on those two modules mark the encode|denoise and denoise|decode boundaries for
-any pipeline, stock or ours, without touching its code. The same boundaries split the FLOP count per stage.
+any pipeline, stock or ours, without touching its code. The same boundaries split the FLOP count per stage. For an
+upscaler the boundaries are the first tile batch's start and the last one's end (preprocess | tiles | stitch).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils import flop_counter
 
-STAGES = ("encode", "denoise", "decode")
 
 
 def sync(device: torch.device) -> None:
@@ -47,14 +47,48 @@ def summarize(times: list[float]) -> dict[str, float]:
 
 # -- stage boundaries ---------------------------------------------------------------------------------------------
 
-class StageProbe:
-    """Forward pre-hooks on the denoiser and the VAE decoder; `marks` holds (time, FLOPs so far) at the first call of
-    each, i.e. where encode ends and where decode starts. `counter`, when set, is read for the FLOPs."""
+class BoundaryProbe:
+    """Marks (time, FLOPs so far) where the second and the third of a task's three stages begin, from module hooks
+    placed by a subclass; `counter`, when set, is read for the FLOPs. `split` turns the marks of one call into
+    per-stage times and FLOPs (a boundary never reached puts the rest of the call in the stage before it)."""
 
-    def __init__(self, denoiser: torch.nn.Module, vae: torch.nn.Module, device: torch.device):
+    stages: tuple[str, str, str]
+
+    def __init__(self, device: torch.device):
         self.device = device
         self.counter: flop_counter.FlopCounterMode | None = None
         self.marks: dict[str, tuple[float, int]] = {}
+        self._handles: list[Any] = []
+
+    def _record(self, boundary: str) -> None:
+        sync(self.device)
+        self.marks[boundary] = (time.perf_counter(), self.counter.get_total_flops() if self.counter else 0)
+
+    def reset(self) -> None:
+        self.marks = {}
+
+    def split(self, start: float, end: float, total_flops: int = 0) -> tuple[dict[str, float], dict[str, int]]:
+        """Stage times and FLOPs of the call that ran between `start` and `end` (absolute perf_counter values)."""
+        first, second, third = self.stages
+        t2, f2 = self.marks.get(second, (end, total_flops))
+        t3, f3 = self.marks.get(third, (end, total_flops))
+        times = {first: t2 - start, second: t3 - t2, third: end - t3, "total": end - start}
+        return times, {first: f2, second: f3 - f2, third: total_flops - f3}
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class StageProbe(BoundaryProbe):
+    """Text-to-image: forward pre-hooks on the denoiser and the VAE decoder; the first call of each is where encode
+    ends and where decode starts."""
+
+    stages = ("encode", "denoise", "decode")
+
+    def __init__(self, denoiser: torch.nn.Module, vae: torch.nn.Module, device: torch.device):
+        super().__init__(device)
         decode_entry = [m for m in (getattr(vae, "post_quant_conv", None), getattr(vae, "decoder", None))
                         if isinstance(m, torch.nn.Module)]
         self._handles = [denoiser.register_forward_pre_hook(self._hook("denoise"))]
@@ -64,25 +98,24 @@ class StageProbe:
         def hook(module: torch.nn.Module, args: Any) -> None:
             if stage in self.marks or (stage == "decode" and "denoise" not in self.marks):
                 return
-            sync(self.device)
-            self.marks[stage] = (time.perf_counter(), self.counter.get_total_flops() if self.counter else 0)
+            self._record(stage)
         return hook
 
-    def reset(self) -> None:
-        self.marks = {}
 
-    def split(self, start: float, end: float, total_flops: int = 0) -> tuple[dict[str, float], dict[str, int]]:
-        """Stage times and FLOPs of the call that ran between `start` and `end` (absolute perf_counter values)."""
-        t_den, f_den = self.marks.get("denoise", (end, total_flops))
-        t_dec, f_dec = self.marks.get("decode", (end, total_flops))
-        times = {"encode": t_den - start, "denoise": t_dec - t_den, "decode": end - t_dec, "total": end - start}
-        flops = {"encode": f_den, "denoise": f_dec - f_den, "decode": total_flops - f_dec}
-        return times, flops
+class TileProbe(BoundaryProbe):
+    """Tiled upscalers: a forward pre-hook marks the first tile batch's start, a forward hook each batch's end; the
+    last end is where stitching begins."""
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+    stages = ("preprocess", "tiles", "stitch")
+
+    def __init__(self, network: torch.nn.Module, device: torch.device):
+        super().__init__(device)
+        self._handles = [network.register_forward_pre_hook(self._first_tiles),
+                         network.register_forward_hook(lambda *_: self._record("stitch"))]
+
+    def _first_tiles(self, module: torch.nn.Module, args: Any) -> None:
+        if "tiles" not in self.marks:
+            self._record("tiles")
 
 
 # -- FLOPs ----------------------------------------------------------------------------------------------------------
@@ -118,7 +151,7 @@ class FlopCount:
         return {"total": self.total, "stages": self.stages, "by_module": self.by_module}
 
 
-def count_flops(fn: Callable[[], Any], probe: StageProbe | None = None) -> tuple[FlopCount, Any]:
+def count_flops(fn: Callable[[], Any], probe: BoundaryProbe | None = None) -> tuple[FlopCount, Any]:
     """Run `fn` eagerly under FlopCounterMode (compiled graphs bypass the counter, so count on an eager run)."""
     counter = flop_counter_mode()
     if probe is not None:

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
-from .metrics import STAGES, FlopCount, PeakMemory, StageProbe, count_flops, summarize, timed
+from .metrics import BoundaryProbe, FlopCount, PeakMemory, StageProbe, TileProbe, count_flops, summarize, timed
 from .scenario import Job, Preset
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -76,21 +76,21 @@ class Row:
 Call = Callable[[], tuple[list[Image.Image], dict[str, float]]]
 
 
-def repeat(call: Call, settings: Settings, row: Row) -> None:
+def repeat(call: Call, settings: Settings, row: Row, stages: tuple[str, ...]) -> None:
     """Warm-up runs (the first is the first-image figure: it pays compilation), then the timed runs."""
     first = None
     for _ in range(settings.warmup):
         dt, _out = timed(call, settings.device)
         first = dt if first is None else first
-    stages: list[dict[str, float]] = []
+    per_run: list[dict[str, float]] = []
     for _ in range(max(1, settings.runs)):
         dt, (images, stage_times) = timed(call, settings.device)
         row.times_s.append(dt)
-        stages.append(stage_times)
+        per_run.append(stage_times)
         row.images = images
     row.first_image_s = first if first is not None else row.times_s[0]
     row.timing = summarize(row.times_s)
-    row.stages_s = {s: sorted(t.get(s, 0.0) for t in stages)[len(stages) // 2] for s in STAGES}
+    row.stages_s = {s: sorted(t.get(s, 0.0) for t in per_run)[len(per_run) // 2] for s in stages}
 
 
 class StockRunner:
@@ -152,18 +152,35 @@ class StockRunner:
         del self.pipe
 
 
+def stock_runner(job: Job, device: torch.device) -> Any:
+    """The baseline of a job: the stock diffusers pipeline, or for upscaling the reference aura-sr package."""
+    if job.task == "upscale":
+        from .upscale import ReferenceUpscaler
+
+        return ReferenceUpscaler(job.model, device)
+    return StockRunner(job.model, device)
+
+
 class EngineCounter:
     """Counts FLOPs on an O0 engine (eager, fp32): the fallback when the scenario has no working stock baseline."""
 
-    def __init__(self, model: str, device: torch.device):
+    def __init__(self, model: str, device: torch.device, task: str = "text-to-image"):
         from ..api import Engine
 
         self.engine = Engine(device=device, opt_level="O0")
         self.model = model
-        loaded = self.engine.load(model)
-        self.probe = StageProbe(loaded.components[loaded.family.denoiser], loaded.components["vae"], device)
+        if task == "upscale":
+            self.probe: BoundaryProbe = TileProbe(self.engine._upscaler(model).pipeline.model, device)
+        else:
+            loaded = self.engine.load(model)
+            self.probe = StageProbe(loaded.components[loaded.family.denoiser], loaded.components["vae"], device)
 
     def count(self, job: Job) -> tuple[FlopCount, list[Image.Image]]:
+        if job.task == "upscale":
+            from .upscale import input_image, upscale_kwargs
+
+            image = input_image(job)
+            return count_flops(lambda: [self.engine.upscale(image, **upscale_kwargs(job)).image], self.probe)
         return count_flops(lambda: self.engine.generate(**_engine_kwargs(job)).images, self.probe)
 
     def close(self) -> None:
@@ -209,17 +226,35 @@ def run_engine(preset: Preset, job: Job, settings: Settings, row: Row) -> None:
     memory = PeakMemory(settings.device)
     try:
         with memory.measure():
-            row.load_s, loaded = timed(lambda: engine.load(job.model), settings.device)
-            report = engine.optimization_report(job.model)
+            row.load_s, report = timed(lambda: engine.optimization_report(job.model), settings.device)  # loads it
             row.optimization_report = report.as_dict()
             row.notes += check_backend(preset, report)
-            row.dtype = DTYPE_NAMES.get(next(loaded.components[loaded.family.denoiser].parameters()).dtype)
-
-            def call() -> tuple[list[Image.Image], dict[str, float]]:
-                result = engine.generate(**_engine_kwargs(job))
-                return result.images, result.timings
-
-            repeat(call, settings, row)
+            row.dtype = DTYPE_NAMES.get(_compute_dtype(engine, job))
+            repeat(_engine_call(engine, job), settings, row, job.stages)
         row.memory = memory.as_dict()
     finally:
         engine.unload(job.model)
+
+
+def _compute_dtype(engine: Any, job: Job) -> torch.dtype:
+    if job.task == "upscale":
+        return engine._upscaler(job.model).pipeline.dtype
+    loaded = engine.load(job.model)
+    return next(loaded.components[loaded.family.denoiser].parameters()).dtype
+
+
+def _engine_call(engine: Any, job: Job) -> Call:
+    if job.task == "upscale":
+        from .upscale import input_image, upscale_kwargs
+
+        image = input_image(job)
+
+        def upscale() -> tuple[list[Image.Image], dict[str, float]]:
+            result = engine.upscale(image, **upscale_kwargs(job))
+            return [result.image], result.timings
+        return upscale
+
+    def generate() -> tuple[list[Image.Image], dict[str, float]]:
+        result = engine.generate(**_engine_kwargs(job))
+        return result.images, result.timings
+    return generate

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .reference import AURASR_FLOPS, published_line
+from .scenario import STAGES
 
 
 # -- formatting -----------------------------------------------------------------------------------------------------
@@ -58,8 +59,15 @@ def quality(row: dict[str, Any], kind: str = "psnr") -> str:
     return text + (f" (same job: {same:.3f})" if row.get("job_differs") and same is not None else "")
 
 
+def _stages(job: dict[str, Any]) -> tuple[str, ...]:
+    return STAGES[job.get("task", "text-to-image")]
+
+
 def _preset_label(row: dict[str, Any], scenario_job: dict[str, Any]) -> str:
     job, diff = row["job"], []
+    for flag in ("overlapping_tiles", "shared_style"):
+        if job.get(flag) and not scenario_job.get(flag):
+            diff.append(flag.replace("_", " "))
     if job["steps"] != scenario_job["steps"]:
         diff.append(f"{job['steps']} steps")
     if job["guidance_scale"] != scenario_job["guidance_scale"]:
@@ -71,13 +79,14 @@ def _preset_label(row: dict[str, Any], scenario_job: dict[str, Any]) -> str:
 
 # -- markdown -------------------------------------------------------------------------------------------------------
 
-HEADER = ("| preset | dtype | load | first image | median | p90 | encode / denoise / decode (s) | speed-up "
-          "| peak memory (above start) | FLOPs / image | FLOP/s | util. | PSNR dB | SSIM |")
+def header(stages: tuple[str, ...]) -> str:
+    return (f"| preset | dtype | load | first image | median | p90 | {' / '.join(stages)} (s) | speed-up "
+            "| peak memory (above start) | FLOPs / image | FLOP/s | util. | PSNR dB | SSIM |")
 
 
 def _row_md(row: dict[str, Any], scenario_job: dict[str, Any]) -> str:
     st, mem, t = row["stages_s"], row["memory"], row["timing"]
-    stages = " / ".join(f"{st.get(s, 0.0):.3f}" for s in ("encode", "denoise", "decode"))
+    stages = " / ".join(f"{st.get(s, 0.0):.3f}" for s in _stages(scenario_job))
     memory = f"{_bytes(mem.get('peak_bytes'))} (+{_bytes(mem.get('peak_above_start_bytes'))})" if mem else "–"
     util = f"{100 * row['utilisation']:.2g}%" if row["utilisation"] else "–"
     achieved = _flops(row["achieved_flops_per_s"]) + "/s" if row["achieved_flops_per_s"] else "–"
@@ -107,6 +116,12 @@ def _reference_md(ref: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _job_title(job: dict[str, Any]) -> str:
+    if job.get("task") == "upscale":
+        return f"{job['model']}, {job['width']}x{job['height']} input -> 4x"
+    return f"{job['model']} {job['width']}x{job['height']}, {job['steps']} steps, guidance {job['guidance_scale']}"
+
+
 def to_markdown(result: dict[str, Any]) -> str:
     env, settings = result["environment"], result["settings"]
     commit = (env.get("git_commit") or "unknown")[:12] + (" (uncommitted changes)" if env.get("git_dirty") else "")
@@ -124,8 +139,8 @@ def to_markdown(result: dict[str, Any]) -> str:
              ""]
     for sc in result["scenarios"]:
         job = sc["job"]
-        lines += [f"## {sc['name']} — {job['model']} {job['width']}x{job['height']}, {job['steps']} steps, guidance "
-                  f"{job['guidance_scale']} ({sc['description']})", "", HEADER, "|" + "---|" * 14]
+        lines += [f"## {sc['name']} — {_job_title(job)} ({sc['description']})", "", header(_stages(job)),
+                  "|" + "---|" * 14]
         ok = [r for r in sc["rows"] if r["status"] == "ok"]
         lines += [_row_md(r, job) for r in ok]
         skipped = [r for r in sc["rows"] if r["status"] != "ok"]
@@ -135,11 +150,11 @@ def to_markdown(result: dict[str, Any]) -> str:
         if notes:
             lines += ["", "Notes:"] + [f"- {n}" for n in notes]
         if sc["flops"]:
-            lines += ["", "FLOPs per job (per stage: encode + denoise + decode):"]
+            lines += ["", f"FLOPs per job (per stage: {' + '.join(_stages(job))}):"]
             for label, c in sc["flops"].items():
                 st = c["stages"]
                 lines.append(f"- {label}: {_flops(c['total'])} = " + " + ".join(
-                    _flops(st.get(s, 0)) for s in ("encode", "denoise", "decode")))
+                    _flops(st.get(s, 0)) for s in _stages(job)))
         if sc["reference"]:
             lines += ["", "### Published reference jobs", "",
                       "Projections use the utilisation measured on this run's model; small models use the hardware "
@@ -147,7 +162,7 @@ def to_markdown(result: dict[str, Any]) -> str:
             for ref in sc["reference"]:
                 lines += _reference_md(ref)
         lines.append("")
-    if any(sc["reference"] for sc in result["scenarios"]):
+    if any(sc["reference"] or sc["job"].get("task") == "upscale" for sc in result["scenarios"]):
         lines.append("AuraSR (published FLOPs, no published time): " + "; ".join(
             f"{k} {_flops(v)}" for k, v in AURASR_FLOPS.items()) + ".")
     return "\n".join(lines) + "\n"
@@ -173,7 +188,7 @@ def to_json(result: dict[str, Any]) -> str:
 # -- plot -----------------------------------------------------------------------------------------------------------
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """Horizontal stacked bars of median time per preset (encode / denoise / decode / other), one panel per scenario;
+    """Horizontal stacked bars of median time per preset (the task's stages, then other), one panel per scenario;
     each bar labelled with its median, speed-up and quality, skipped presets named with their reason. Stage bars are
     per-stage medians, so with noisy runs their sum can differ a little from the median total."""
     import matplotlib
@@ -185,9 +200,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     heights = [max(2.0, 0.45 * len(sc["rows"]) + 1.2) for sc in scenarios]
     fig, axes = plt.subplots(len(scenarios), 1, figsize=(11, sum(heights)), squeeze=False,
                              gridspec_kw={"height_ratios": heights})
-    colors = {"encode": "#8fb3d9", "denoise": "#2f6db5", "decode": "#f2a541", "other": "#bbbbbb"}
+    palette = ("#8fb3d9", "#2f6db5", "#f2a541")  # first / main / last stage of either task
     for ax, sc in zip(axes[:, 0], scenarios, strict=True):
         rows = sc["rows"]
+        labelled: set[str] = set()  # legend entries once per panel, whichever row comes first
         names = [_preset_label(r, sc["job"]) for r in rows]
         longest = max([r["timing"].get("median_s", 0.0) for r in rows if r["status"] == "ok"] or [1.0])
         for i, r in enumerate(rows):
@@ -196,12 +212,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
                         color="#a33")
                 continue
             left = 0.0
-            for stage in ("encode", "denoise", "decode"):
+            for stage, color in zip(_stages(sc["job"]), palette):
                 w = r["stages_s"].get(stage, 0.0)
-                ax.barh(i, w, left=left, color=colors[stage], label=stage if i == 0 else None)
+                ax.barh(i, w, left=left, color=color, label=stage if stage not in labelled else None)
+                labelled.add(stage)
                 left += w
             other = max(0.0, r["timing"]["median_s"] - left)
-            ax.barh(i, other, left=left, color=colors["other"], label="other" if i == 0 else None)
+            ax.barh(i, other, left=left, color="#bbbbbb", label="other" if "other" not in labelled else None)
+            labelled.add("other")
             speed = f"{r['speedup']:.2f}x" if r["speedup"] else ""
             q = quality(r, "psnr")
             if q not in ("baseline", "identical"):
@@ -213,8 +231,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_ylim(len(rows) - 0.4, -0.6)  # top to bottom in scenario order, room for the last row's text
         ax.set_xlim(0, longest * 1.9)
         ax.set_xlabel("median time per image (s)", fontsize=8)
-        job = sc["job"]
-        ax.set_title(f"{sc['name']}: {job['model']} {job['width']}x{job['height']}, {job['steps']} steps", fontsize=9)
+        ax.set_title(f"{sc['name']}: {_job_title(sc['job'])}", fontsize=9)
         handles, labels = ax.get_legend_handles_labels()
         if handles:
             ax.legend(fontsize=7, loc="upper right")

@@ -1,6 +1,6 @@
-"""Scenarios -> runs. Per scenario, in one process on the same weights: the stock diffusers pipeline (the baseline),
-then each engine preset; warm-up runs, then N timed runs; FLOPs counted on an eager run of each distinct job;
-quality against the baseline's images of the same seed.
+"""Scenarios -> runs. Per scenario, in one process on the same weights: the stock pipeline as the baseline (diffusers;
+for upscaling the reference aura-sr package), then each engine preset; warm-up runs, then N timed runs; FLOPs counted
+on an eager run of each distinct job; quality against the baseline's images of the same seed.
 
 Every preset runs inside its own try: anything that goes wrong (a backend that is not installed, a pass that does
 not compile, an out-of-memory) becomes a skipped row with its reason and the run goes on, because one broken preset
@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from .metrics import FlopCount, PeakMemory, measure_peak_flops, timed
-from .presets import DTYPE_NAMES, EngineCounter, PresetSkipped, Row, Settings, StockRunner, repeat, run_engine
+from .presets import DTYPE_NAMES, EngineCounter, PresetSkipped, Row, Settings, repeat, run_engine, stock_runner
 from .quality import psnr, ssim
 from .scenario import Job, Scenario
 
@@ -83,12 +83,12 @@ class ScenarioRun:
 
     def _run_stock(self, job: Job, row: Row) -> None:
         memory = PeakMemory(self.settings.device)
-        runner: StockRunner | None = None
+        runner: Any = None
         try:
             with memory.measure():
-                row.load_s, runner = timed(lambda: StockRunner(job.model, self.settings.device), self.settings.device)
+                row.load_s, runner = timed(lambda: stock_runner(job, self.settings.device), self.settings.device)
                 row.dtype = DTYPE_NAMES.get(runner.dtype)
-                repeat(runner.call(job), self.settings, row)
+                repeat(runner.call(job), self.settings, row, job.stages)
             row.memory = memory.as_dict()
             self.reference_images[job.key()] = row.images
             self.quality_reference = row.preset
@@ -113,7 +113,7 @@ class ScenarioRun:
             return
         counter: EngineCounter | None = None
         try:
-            counter = EngineCounter(self.sc.job.model, self.settings.device)
+            counter = EngineCounter(self.sc.job.model, self.settings.device, self.sc.job.task)
             for key, job in missing.items():
                 self.flops[key], images = counter.count(job)
                 if key not in self.reference_images:
@@ -193,6 +193,10 @@ class ScenarioRun:
 
 
 def _job_label(job: Job) -> str:
+    if job.task == "upscale":
+        mode = ", ".join(n for n, on in (("overlapping tiles", job.overlapping_tiles),
+                                          ("shared style", job.shared_style)) if on)
+        return f"{job.model} {job.width}x{job.height} -> 4x" + (f", {mode}" if mode else "")
     sched = f", {job.scheduler}" if job.scheduler else ""
     return f"{job.model} {job.width}x{job.height}, {job.steps} steps, guidance {job.guidance_scale}{sched}"
 

@@ -7,13 +7,15 @@ few-step scheduler, an export backend). Keeping them as data means a new compari
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import astuple, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 SCALES = ("tiny", "small", "real")
+# What each task's jobs are split into (the stage timers' names: pipelines report them, probes mark them on stock).
+STAGES = {"text-to-image": ("encode", "denoise", "decode"), "upscale": ("preprocess", "tiles", "stitch")}
 
 
 def scenarios_dir() -> Path:
@@ -32,6 +34,8 @@ class Preset:
     scheduler: str | None = None
     steps: int | None = None  # overrides the scenario's (few-step presets)
     guidance_scale: float | None = None
+    overlapping_tiles: bool | None = None  # upscale: second, half-tile-offset pass blended in
+    shared_style: bool | None = None  # upscale: one style per call (precomputed modulated weights)
     quick: bool = True  # part of a --quick run
     requires: tuple[str, ...] = ()  # "cuda", or importable packages: checked before loading (saves a doomed load)
     description: str = ""
@@ -58,21 +62,29 @@ class Preset:
 
 @dataclass(frozen=True)
 class Job:
-    """What one preset generates: every field the images depend on (same job + same seed = comparable images)."""
+    """What one preset runs: every field the images depend on (same job + same seed = comparable images). For an
+    upscale job, width x height is the input image (drawn from the seed) and the text-to-image fields are unused."""
 
     model: str
     width: int
     height: int
-    steps: int
-    guidance_scale: float | None
-    seed: int
-    prompt: str
+    steps: int = 1
+    guidance_scale: float | None = None
+    seed: int = 0
+    prompt: str = ""
     num_images: int = 1
     scheduler: str | None = None
+    task: str = "text-to-image"
+    overlapping_tiles: bool = False
+    shared_style: bool = False
 
     def key(self) -> tuple[Any, ...]:
-        return (self.model, self.width, self.height, self.steps, self.guidance_scale, self.seed, self.prompt,
-                self.num_images, self.scheduler)
+        """All fields in order (`Job(*key)` rebuilds the job)."""
+        return astuple(self)
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return STAGES[self.task]
 
 
 @dataclass(frozen=True)
@@ -86,7 +98,12 @@ class Scenario:
     source: str = ""
 
     def job_for(self, preset: Preset) -> Job:
-        """The job `preset` runs: the scenario's, with the preset's steps (never more), guidance and scheduler."""
+        """The job `preset` runs: the scenario's, with the preset's steps (never more), guidance and scheduler, or
+        for an upscale its tiling options."""
+        if self.job.task == "upscale":
+            flags = {k: v for k, v in (("overlapping_tiles", preset.overlapping_tiles),
+                                       ("shared_style", preset.shared_style)) if v is not None}
+            return replace(self.job, **flags)
         steps = preset.steps if preset.steps is not None else self.job.steps
         guidance = preset.guidance_scale if preset.guidance_scale is not None else self.job.guidance_scale
         return replace(self.job, steps=min(steps, self.job.steps), guidance_scale=guidance,
@@ -124,17 +141,23 @@ def load_scenario(path: Path, scale: str, *, quick: bool = False, model: str | N
     scales = data.get("scales", {})
     if scale not in scales:
         raise ValueError(f"scenario {path.stem} has no {scale!r} scale (has: {', '.join(scales)})")
+    task = data.get("task", "text-to-image")
+    if task not in STAGES:
+        raise ValueError(f"scenario {path.stem}: task must be one of {', '.join(STAGES)}, got {task!r}")
     job_fields: dict[str, Any] = {"guidance_scale": data.get("guidance_scale"), "prompt": data.get("prompt", "a photo"),
                                   "seed": data.get("seed", 0), "num_images": data.get("num_images", 1),
-                                  "scheduler": data.get("scheduler"), **scales[scale]}
+                                  "scheduler": data.get("scheduler"), "task": task, **scales[scale]}
     quick_over = dict(data.get("quick", {})) if quick else {}
     job_fields.update({k: v for k, v in quick_over.items() if k in ("steps", "width", "height")})
     if model is not None:
         job_fields["model"] = model
-    if steps is not None:
+    if steps is not None and task == "text-to-image":
         job_fields["steps"] = steps
-    job = Job(**job_fields)
-    presets = tuple(Preset(**p) for p in data.get("presets", []))
+    try:
+        job = Job(**job_fields)
+        presets = tuple(Preset(**p) for p in data.get("presets", []))
+    except TypeError as e:  # an unknown or missing key in the YAML: name the file, not a traceback
+        raise ValueError(f"scenario {path.stem}: {e}") from None
     if quick:
         presets = tuple(p for p in presets if p.quick)
     if sum(p.stock for p in presets) > 1:

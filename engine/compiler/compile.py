@@ -36,9 +36,10 @@ def apply_cuda_graphs(ctx: PassContext) -> None:
     if not ctx.config.compile:
         ctx.report.skipped("cuda_graphs", "needs compile (CUDA graphs are captured by torch.compile's reduce-overhead)")
         return
-    if ctx.family.denoiser in ctx.state.get("backend", {}):
-        ctx.report.skipped("cuda_graphs", f"the {ctx.family.denoiser} runs on {ctx.state['backend'][ctx.family.denoiser]}"
-                           " (exported graph)")
+    exported = ctx.state.get("backend", {})
+    if ctx.family.denoiser in exported:
+        ctx.report.skipped("cuda_graphs", f"the {ctx.family.denoiser} runs on {exported[ctx.family.denoiser]} "
+                           "(exported graph)")
         return
     ctx.state["compile_mode"] = "reduce-overhead"
     ctx.report.applied("cuda_graphs", "torch.compile mode reduce-overhead (CUDA graph trees)")

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ...paths import cache_dir
+from ...paths import cache_dir, file_sha256
 
 MANIFEST = "manifest.json"
 FORMAT = 1  # bump when the layout of an artifact folder changes
@@ -67,16 +67,8 @@ class Artifact:
         return self.path / name
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 23), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _write_manifest(folder: Path, meta: dict[str, Any]) -> None:
-    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
     if not files:
         raise RuntimeError(f"artifact builder wrote nothing into {folder}")
@@ -123,7 +115,7 @@ def verify(folder: Path) -> dict[str, Any] | None:
     if memo is None:
         return None
     if memo not in _verified:
-        if any(_sha256(folder / name) != entry["sha256"] for name, entry in manifest["files"].items()):
+        if any(file_sha256(folder / name) != entry["sha256"] for name, entry in manifest["files"].items()):
             return None
         _verified.add(memo)
     return dict(manifest.get("meta") or {})
