@@ -1,7 +1,8 @@
 """quant pass (lossy): torchao weight quantization of the denoiser's linear layers.
 
 int8 weight-only and dynamic int8 run on any device; fp8 (dynamic activations and weights) needs CUDA compute
-capability 8.9 (Ada, Hopper). "auto" takes fp8 where it can, else dynamic int8 on CUDA, else int8 weight-only.
+capability 8.9 (Ada, Hopper). "auto" takes fp8 where it can, else dynamic int8 on CUDA; on other devices it skips
+(there the int8 kernels were slower than bf16), and an explicit kind still quantizes.
 """
 
 from __future__ import annotations
@@ -30,8 +31,12 @@ def _resolve(ctx: PassContext) -> tuple[str | None, str]:
     if kind == "auto":
         if fp8_ok:
             return "fp8", ""
-        return ("int8_dynamic" if cap is not None else "int8_weight_only"), (
-            "fp8: needs CUDA compute capability >= 8.9" + ("" if cap is not None else f", device is {ctx.device.type}"))
+        if cap is not None:
+            return "int8_dynamic", "fp8: needs CUDA compute capability >= 8.9"
+        # Measured (benchmarks/results/compiler_cpu.md): torchao's int8 paths on a CPU run slower than the bf16
+        # matmuls O1 already picks, so "auto" (the O3 level) leaves the weights alone there.
+        return None, (f"auto on {ctx.device.type}: int8 kernels are slower than bf16 matmuls here (fp8 needs CUDA "
+                      "compute capability >= 8.9); set quant='int8_weight_only' or 'int8_dynamic' to quantize anyway")
     if kind == "fp8" and not fp8_ok:
         where = f"compute capability {cap[0]}.{cap[1]}" if cap else f"device is {ctx.device.type}"
         return None, f"fp8: needs CUDA compute capability >= 8.9 ({where})"
