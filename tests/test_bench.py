@@ -63,7 +63,7 @@ def test_quick_run_figures(quick_run: dict[str, Any]) -> None:
     assert env["torch"] and env["diffusers"] and env["device"] == "cpu" and "git_commit" in env
     assert {s["name"] for s in result["scenarios"]} == {"sd15", "sdxl", "flux", "aurasr"}
     assert result["peaks"]["fp32"]["flops_per_s"] > 0
-    stages = {"text-to-image": {"encode", "denoise", "decode"}, "upscale": {"preprocess", "tiles", "stitch"}}
+    task_stages = {"text-to-image": {"encode", "denoise", "decode"}, "upscale": {"preprocess", "tiles", "stitch"}}
     for sc in result["scenarios"]:
         task = sc["job"]["task"]
         base = _row(sc, "aura-sr" if task == "upscale" else "diffusers")
@@ -71,7 +71,7 @@ def test_quick_run_figures(quick_run: dict[str, Any]) -> None:
         main_stage = "tiles" if task == "upscale" else "denoise"
         for row in (r for r in sc["rows"] if r["status"] == "ok"):
             assert row["timing"]["median_s"] > 0 and row["timing"]["p90_s"] >= row["timing"]["median_s"]
-            assert set(row["stages_s"]) == stages[task] and row["stages_s"][main_stage] > 0
+            assert set(row["stages_s"]) == task_stages[task] and row["stages_s"][main_stage] > 0
             assert row["load_s"] > 0 and row["first_image_s"] > 0 and row["memory"]["peak_bytes"] > 0
             assert row["flops_per_image"] > 0 and 0 < row["utilisation"] < 1.5
             assert row["achieved_flops_per_s"] == pytest.approx(row["flops_per_image"] / row["timing"]["median_s"])
