@@ -100,7 +100,8 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
     pipe = None  # free the stock pipeline before the engine loads its own copy
     for level in args.levels:
         print(f"[{model}] engine {level} ...", flush=True)
-        eng = Engine(device="cpu", opt_level=level)
+        overrides = {"cache_threshold": args.cache_threshold} if args.cache_threshold is not None else None
+        eng = Engine(device="cpu", opt_level=level, compile_config=overrides)
         start = time.perf_counter()
         eng.load(model)
         load_s = time.perf_counter() - start
@@ -108,7 +109,9 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
         warm, _ = time_runs(gen, 1)
         times, res = time_runs(gen, args.runs)
         med = statistics.median(times)
-        rows.append({"preset": f"engine {level}", "load_s": load_s, "first_image_s": warm[0], "median_s": med,
+        cached = overrides and eng.optimization_report(model).status("cache") == "applied"
+        label = f"engine {level}" + (f" (cache_threshold {args.cache_threshold})" if cached else "")
+        rows.append({"preset": label, "load_s": load_s, "first_image_s": warm[0], "median_s": med,
                      "runs_s": times, "psnr_db": psnr(ref, res.images), "speedup": base / med,
                      "stages": res.timings, "report": eng.optimization_report(model).as_dict()})
         eng.unload(model)
@@ -149,6 +152,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--cache-threshold", type=float,
+                        help="step-cache threshold for the levels that cache (default: the level's, 0.08)")
     parser.add_argument("--restart-level", default="O2", help="level for the restart measurement ('' to skip)")
     parser.add_argument("--out", default="benchmarks/results/compiler_cpu")
     args = parser.parse_args()
