@@ -74,6 +74,13 @@ def test_gpu_only_options_are_skipped_with_reason_on_cpu():
     assert eng.generate(model="tiny-flux", **KW).images
 
 
+def test_auto_quant_leaves_cpu_weights_alone_and_says_why():
+    """O3's quant="auto" on the CPU: torchao's int8 measured slower than bf16 here, so nothing is quantized (an
+    explicit kind still is: test_quantization_psnr_floor)."""
+    report = Engine(device="cpu", compile_config={"quant": "auto"}).optimization_report("tiny-sdxl")
+    assert report.status("quant") == "skipped" and "int8 kernels are slower" in report.details("quant")[0]
+
+
 @pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-flux"])
 def test_lossless_passes_keep_O0_output(reference, model):
     config = {"fuse_qkv": True, "channels_last": True, "attention": "auto", "prompt_cache_size": 8}

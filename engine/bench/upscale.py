@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import sys
+import time
 import types
 from typing import Any
 from unittest import mock
@@ -112,8 +113,6 @@ class ReferenceUpscaler:
         return [run(image)]
 
     def call(self, job: Job) -> Any:
-        import time
-
         def run() -> tuple[list[Image.Image], dict[str, float]]:
             self.probe.reset()
             start = time.perf_counter()
