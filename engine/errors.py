@@ -77,3 +77,35 @@ class JobCancelledError(EngineError):
 
     error_type = "cancelled"
     http_status = 499
+
+
+class InsufficientMemoryError(EngineError):
+    """No memory plan fits the device budget (or the smallest one ran out of memory); names the budget needed."""
+
+    error_type = "insufficient_memory"
+    http_status = 507
+
+    def __init__(self, message: str, needed_bytes: int | None = None, budget_bytes: int | None = None):
+        self.needed_bytes = needed_bytes
+        self.budget_bytes = budget_bytes
+        super().__init__(message)
+
+
+class InsufficientMemoryError(EngineError, MemoryError):
+    """No memory plan fits the device budget; names the smallest budget that would (`needed_bytes`)."""
+
+    error_type = "insufficient_memory"
+    http_status = 507
+
+    def __init__(self, message: str, *, needed_bytes: int | None = None, budget_bytes: int | None = None):
+        self.needed_bytes = needed_bytes
+        self.budget_bytes = budget_bytes
+        super().__init__(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if self.needed_bytes is not None:
+            out["needed_bytes"] = self.needed_bytes
+        if self.budget_bytes is not None:
+            out["budget_bytes"] = self.budget_bytes
+        return out
