@@ -90,18 +90,6 @@ class InsufficientMemoryError(EngineError):
         self.budget_bytes = budget_bytes
         super().__init__(message)
 
-
-class InsufficientMemoryError(EngineError, MemoryError):
-    """No memory plan fits the device budget; names the smallest budget that would (`needed_bytes`)."""
-
-    error_type = "insufficient_memory"
-    http_status = 507
-
-    def __init__(self, message: str, *, needed_bytes: int | None = None, budget_bytes: int | None = None):
-        self.needed_bytes = needed_bytes
-        self.budget_bytes = budget_bytes
-        super().__init__(message)
-
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
         if self.needed_bytes is not None:
