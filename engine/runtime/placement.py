@@ -1,0 +1,250 @@
+"""Placing loaded components by a `MemoryPlan`: only the choosing is ours, the moving is diffusers'/accelerate's.
+
+- storage (lossy rungs, before placement, as diffusers documents for layerwise casting + group offload):
+  `ModelMixin.enable_layerwise_casting` / `diffusers.hooks.apply_layerwise_casting` (fp8 storage, compute in the
+  component's dtype), torchao `quantize_(Int8WeightOnlyConfig())`; NF4 must come from the loader
+  (bitsandbytes quantizes while loading), here it is only checked;
+- placement: `.to(device)` (resident); accelerate `cpu_offload_with_hook` chained text encoders -> denoiser -> VAE as
+  diffusers' `enable_model_cpu_offload` chains them, grouped by the plan and closed into a cycle (the first group's
+  hook sends the last one back, instead of diffusers' end-of-call `maybe_free_model_hooks`); diffusers
+  `apply_group_offloading(offload_type="block_level")` with a CUDA stream and pinned memory on CUDA only;
+- the VAE's `enable_tiling()` / `enable_slicing()`.
+
+Components arrive on the host in their compute dtype. `reset_placement` undoes hooks before re-planning; it
+cannot undo lossy storage (diffusers refuses to un-cast layerwise casting: the weights are already rounded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, ContextManager, Iterator, Mapping
+
+import torch
+from accelerate.hooks import UserCpuOffloadHook
+
+from ..errors import ModelLoadError
+from ..families import FamilySpec
+from .memory import LOSSY_ROLES, RUNGS, MemoryPlan, _layerwise_skip_patterns, _swap_groups, group_block_modules
+
+TEXT_ENCODER_PREFIX = "text_encoder"
+
+
+def _modules(components: Mapping[str, Any]) -> dict[str, torch.nn.Module]:
+    return {k: v for k, v in components.items() if isinstance(v, torch.nn.Module)}
+
+
+def _role(name: str, family: FamilySpec) -> str:
+    if name == family.denoiser:
+        return "denoiser"
+    return "text_encoder" if name.startswith(TEXT_ENCODER_PREFIX) else name
+
+
+def _compute_dtype(module: torch.nn.Module) -> torch.dtype:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------------- storage
+def _has_diffusers_hook(module: torch.nn.Module, name: str) -> bool:
+    return any(getattr(m, "_diffusers_hook", None) is not None and m._diffusers_hook.get_hook(name) is not None
+               for m in module.modules())
+
+
+def apply_fp8_storage(module: torch.nn.Module) -> str:
+    """fp8 (e4m3) storage, upcast per layer to the module's dtype for compute (diffusers layerwise casting)."""
+    from diffusers import ModelMixin
+    from diffusers.hooks import apply_layerwise_casting
+
+    if _has_diffusers_hook(module, "layerwise_casting"):
+        return "already fp8"
+    compute = _compute_dtype(module)
+    if isinstance(module, ModelMixin):
+        module.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
+    else:  # transformers encoders: the same hook, with the skip patterns ModelMixin would add
+        apply_layerwise_casting(module, torch.float8_e4m3fn, compute, skip_modules_pattern=_layerwise_skip_patterns(module))
+    return f"fp8 storage, {str(compute).removeprefix('torch.')} compute"
+
+
+def _quantizable(module: torch.nn.Module, fqn: str) -> bool:
+    return isinstance(module, torch.nn.Linear) and module.in_features >= 16 and module.out_features >= 16
+
+
+def apply_int8_storage(module: torch.nn.Module) -> str:
+    """torchao int8 weight-only on the Linear layers (the same filter as the compiler's quant pass)."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    from torchao.utils import TorchAOBaseTensor
+
+    if any(isinstance(getattr(m, "weight", None), TorchAOBaseTensor) for m in module.modules()):
+        return "already quantized"
+    count = sum(1 for fqn, m in module.named_modules() if _quantizable(m, fqn))
+    quantize_(module, Int8WeightOnlyConfig(), filter_fn=_quantizable)
+    return f"int8 weight-only ({count} linear layers)"
+
+
+def check_nf4_storage(module: torch.nn.Module) -> str:
+    """NF4 weights are made by bitsandbytes while loading (`BitsAndBytesConfig(load_in_4bit=True,
+    bnb_4bit_quant_type="nf4")`); a plan cannot produce them afterwards, so a component without them is an error."""
+    count = sum(1 for m in module.modules() if type(m).__name__ == "Linear4bit")
+    if not count:
+        raise ModelLoadError(f"{type(module).__name__}: the memory plan stores NF4 weights, which bitsandbytes makes "
+                             "at load time; load with a BitsAndBytesConfig (nf4) or choose another plan")
+    return f"nf4 ({count} 4-bit linear layers)"
+
+
+STORAGE_APPLIERS: dict[str, Callable[[torch.nn.Module], str]] = {
+    "fp8": apply_fp8_storage,
+    "int8": apply_int8_storage,
+    "nf4": check_nf4_storage,
+}
+
+
+# ----------------------------------------------------------------------------------------------------- placement
+def _place_resident(modules: dict[str, torch.nn.Module], plan: MemoryPlan, device: torch.device) -> list[str]:
+    for module in modules.values():
+        module.to(device)
+    return [f"placement resident: {', '.join(modules)} on {device}"]
+
+
+class GroupOffloadHandle(UserCpuOffloadHook):
+    """One accelerate offload handle for a group of modules: `prev_module_hook` takes a single
+    `UserCpuOffloadHook` (its device is checked on `model`, the group's largest module); `offload()` sends every
+    module of the group back to the host."""
+
+    def __init__(self, handles: list[UserCpuOffloadHook]):
+        largest = max(handles, key=lambda h: sum(p.numel() for p in h.model.parameters()))
+        super().__init__(largest.model, largest.hook)
+        self.handles = handles
+
+    def offload(self) -> None:
+        for handle in self.handles:
+            handle.offload()
+
+
+def _place_swap(modules: dict[str, torch.nn.Module], plan: MemoryPlan, device: torch.device) -> list[str]:
+    from accelerate import cpu_offload_with_hook
+
+    groups = [[c.name for c in g if c.name in modules] for g in _swap_groups(RUNGS[plan.rung].placement, plan.sizes)]
+    groups = [g for g in groups if g]
+    extra = [n for n in modules if not any(n in g for g in groups)]  # unsized components ride with the last group
+    if extra:
+        if groups:
+            groups[-1] += extra
+        else:
+            groups.append(extra)
+    handles = [[cpu_offload_with_hook(modules[name], device)[1] for name in group] for group in groups]
+    group_handles = [GroupOffloadHandle(h) for h in handles]
+    if len(groups) > 1:
+        for i, group in enumerate(handles):
+            group[0].hook.prev_module_hook = group_handles[i - 1]  # cyclic: the first group sends the last back
+    order = " -> ".join("+".join(g) for g in groups)
+    return [f"placement {plan.rung}: accelerate cpu_offload_with_hook onto {device}, groups {order} (each group's "
+            "first forward sends the previous group back to the host)"]
+
+
+def _place_group_offload(modules: dict[str, torch.nn.Module], plan: MemoryPlan, device: torch.device) -> list[str]:
+    from diffusers.hooks import apply_group_offloading
+
+    stream = device.type == "cuda"
+    for module in modules.values():
+        apply_group_offloading(module, onload_device=device, offload_device=torch.device("cpu"),
+                               offload_type="block_level", num_blocks_per_group=1, non_blocking=stream,
+                               use_stream=stream, block_modules=list(group_block_modules(module) or ()) or None)
+    how = "CUDA stream prefetch from pinned memory" if stream else "no stream (not CUDA), pageable memory"
+    return [f"placement group_offload: diffusers block-level group offload onto {device} for {', '.join(modules)} "
+            f"({how})"]
+
+
+PLACERS: dict[str, Callable[[dict[str, torch.nn.Module], MemoryPlan, torch.device], list[str]]] = {
+    "resident": _place_resident,
+    "swap": _place_swap,
+    "group_offload": _place_group_offload,
+}
+
+
+def apply_vae_options(vae: Any, tiling: bool, slicing: bool) -> list[str]:
+    """Tiled / sliced decode through the VAE's own switches (per request: they cost nothing to toggle)."""
+    notes = []
+    for flag, on, name in ((tiling, "enable_tiling", "tiling"), (slicing, "enable_slicing", "slicing")):
+        method = on if flag else "dis" + on[2:]
+        if hasattr(vae, method):
+            getattr(vae, method)()
+            if flag:
+                notes.append(f"vae {name} on")
+        elif flag:
+            notes.append(f"vae {name} skipped: {type(vae).__name__} has no {on}()")
+    return notes
+
+
+def apply_memory_plan(components: Mapping[str, Any], family: FamilySpec, plan: MemoryPlan,
+                      device: torch.device | str) -> list[str]:
+    """Apply `plan` to host-resident components: lossy storage first, then placement, then the VAE switches.
+    Returns notes for the optimization report. Hooks of an earlier plan are removed first."""
+    device = torch.device(device)
+    modules = _modules(components)
+    notes = reset_placement(components, quiet=True)
+    if plan.lossy:
+        applier = STORAGE_APPLIERS[plan.storage]
+        done = [f"{name} {applier(m)}" for name, m in modules.items() if _role(name, family) in LOSSY_ROLES]
+        notes.append(f"storage {plan.storage}: " + "; ".join(done))
+    notes += PLACERS[plan.placement](modules, plan, device)
+    vae = components.get("vae")
+    if vae is not None:
+        notes += apply_vae_options(vae, plan.vae_tiling, plan.vae_slicing)
+    return notes
+
+
+def reset_placement(components: Mapping[str, Any], *, quiet: bool = False) -> list[str]:
+    """Remove offload hooks (accelerate's and diffusers' group offload) and bring every module back to the host.
+    Lossy storage stays: once rounded, weights do not come back (`memory.needs_reload` says when to reload)."""
+    from accelerate.hooks import remove_hook_from_module
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.group_offloading import (
+        _GROUP_OFFLOADING,
+        _LAYER_EXECUTION_TRACKER,
+        _LAZY_PREFETCH_GROUP_OFFLOADING,
+        _is_group_offload_enabled,
+    )
+
+    notes = []
+    for name, module in _modules(components).items():
+        removed = []
+        if any(hasattr(m, "_hf_hook") for m in module.modules()):
+            remove_hook_from_module(module, recurse=True)
+            removed.append("accelerate offload")
+        if _is_group_offload_enabled(module):
+            registry = HookRegistry.check_if_exists_or_initialize(module)
+            for hook in (_GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER, _LAZY_PREFETCH_GROUP_OFFLOADING):
+                registry.remove_hook(hook, recurse=True)
+            removed.append("group offload")
+        module.to("cpu")
+        if removed:
+            notes.append(f"{name}: removed {', '.join(removed)} hooks")
+    return [] if quiet else notes
+
+
+def offload_text_encoders(components: Mapping[str, Any]) -> list[str]:
+    """Send swapped text encoders back to the host now (after encoding; their next forward brings them back).
+    Resident and group-offloaded encoders are left alone: the first stay by design, the second offload themselves."""
+    from accelerate.hooks import CpuOffload
+
+    moved = []
+    for name, module in _modules(components).items():
+        if name.startswith(TEXT_ENCODER_PREFIX) and isinstance(getattr(module, "_hf_hook", None), CpuOffload):
+            module.to("cpu")
+            moved.append(name)
+    return moved
+
+
+def encode_scope(components: Mapping[str, Any], plan: MemoryPlan) -> Callable[[], ContextManager[None]] | None:
+    """For the pipeline's `encode_scope`: under swap placements, text encoders go back to the host as soon as the
+    prompt is encoded (so the denoiser's onload never meets them on the device). None where nothing is to do."""
+    if plan.placement != "swap":
+        return None
+
+    @contextlib.contextmanager
+    def scope() -> Iterator[None]:
+        try:
+            yield
+        finally:
+            offload_text_encoders(components)
+
+    return scope
