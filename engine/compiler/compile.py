@@ -1,53 +1,53 @@
-"""compile and cuda_graphs passes: regional torch.compile of the denoiser's repeated blocks, and the VAE decoder.
+"""compile and cuda_graphs passes: torch.compile of the denoiser and the VAE decoder, as the plan decided.
 
-Regional compilation (diffusers' `compile_repeated_blocks`) compiles one transformer block once and reuses the code
-for every instance, so compile time does not grow with depth. Sizes are symbolic (`dynamic=True`): one graph serves
-every resolution of a bucket (same batch size class), so changing resolution does not recompile. On CUDA,
-"reduce-overhead" mode adds CUDA graphs.
+Two shapes of compilation (engine/compiler/plan.py picks one):
+- regional (diffusers' `compile_repeated_blocks`): one transformer block compiled once, its code reused for every
+  instance, so compile time does not grow with depth; sizes are symbolic (`dynamic=True`), so a new resolution does
+  not recompile. Never with CUDA graphs: a CUDA-graph tree takes each block call for a new iteration and overwrites
+  the previous block's output (pytorch#152887).
+- whole denoiser with static shapes (`fullgraph=True, dynamic=False`) and CUDA graphs ("reduce-overhead", or
+  "max-autotune" where the level tunes): one graph per resolution, up to `recompile_limit` resolutions.
+
+Compilation is lazy, so what shapes it (inductor flags, the recompile budget, duck shaping) is applied by the
+`CompiledScope` the pipeline enters around its calls, never globally; the scope also counts the graphs each model
+compiles (`CompileStats`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
 
 from .artifacts import use_compile_cache
 from .context import PassContext
-
-
-def _compile_kwargs(ctx: PassContext) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"fullgraph": ctx.config.compile_fullgraph, "dynamic": ctx.config.compile_dynamic}
-    mode = ctx.state.get("compile_mode") or ctx.config.compile_mode
-    if mode:
-        kwargs["mode"] = mode
-    return kwargs
+from .plan import CompilePlan, plan_of, replan
 
 
 def apply_cuda_graphs(ctx: PassContext) -> None:
-    """Decides the compile mode, so it runs before `apply_compile`."""
-    wanted = ctx.config.cuda_graphs
-    if wanted is False:
-        ctx.report.skipped("cuda_graphs", "disabled in config")
-        return
-    if ctx.device.type != "cuda":
-        ctx.report.skipped("cuda_graphs", f"cuda graphs: device is {ctx.device.type}")
-        return
-    if not ctx.config.compile:
-        ctx.report.skipped("cuda_graphs", "needs compile (CUDA graphs are captured by torch.compile's reduce-overhead)")
-        return
+    """Reports the plan's CUDA-graph decision against what the earlier passes actually did; runs before compile."""
+    plan = plan_of(ctx)
+    if plan.cuda_graphs and ctx.state.get("cache"):  # the family table said no cache hooks; the model had them
+        plan = replan(ctx, step_cache_hooks=True)
     exported = ctx.state.get("backend", {})
-    if ctx.family.denoiser in exported:
+    if plan.cuda_graphs and ctx.family.denoiser in exported:
         ctx.report.skipped("cuda_graphs", f"the {ctx.family.denoiser} runs on {exported[ctx.family.denoiser]} "
                            "(exported graph)")
         return
-    ctx.state["compile_mode"] = "reduce-overhead"
-    ctx.report.applied("cuda_graphs", "torch.compile mode reduce-overhead (CUDA graph trees)")
+    if not plan.cuda_graphs:
+        ctx.report.skipped("cuda_graphs", plan.cuda_graphs_note)
+        return
+    ctx.report.applied("cuda_graphs", f"torch.compile mode {plan.compile_mode} (CUDA graph trees): "
+                       f"{plan.cuda_graphs_note}")
 
 
 def apply_compile(ctx: PassContext) -> None:
     """Compile what still runs in PyTorch: components the backend pass exported are left alone (and said so)."""
-    if not ctx.config.compile:
+    plan = plan_of(ctx)
+    if not plan.compile:
         ctx.report.skipped("compile", "disabled in config")
         return
     exported: dict[str, str] = ctx.state.get("backend", {})
@@ -61,40 +61,111 @@ def apply_compile(ctx: PassContext) -> None:
     if not (todo_denoiser or todo_vae):
         return
     cache = use_compile_cache(ctx.device)
-    kwargs = _compile_kwargs(ctx)
+    kwargs = plan.compile_kwargs()
     done = []
     if todo_denoiser:
         model = ctx.denoiser
         blocks = getattr(model, "_repeated_blocks", None)
-        denoiser_kwargs = kwargs
-        if ctx.state.get("cache") and kwargs["fullgraph"]:
-            # The step cache decides whether to skip the remaining blocks in a function diffusers marks
-            # torch.compiler.disable: a deliberate graph break inside the first block.
-            denoiser_kwargs = {**kwargs, "fullgraph": False}
-        if blocks:
-            model.compile_repeated_blocks(**denoiser_kwargs)
+        if plan.compile_scope == "regional" and blocks:
+            model.compile_repeated_blocks(**kwargs)
             done.append(f"{type(model).__name__} blocks {', '.join(blocks)}")
         else:
-            model.compile(**denoiser_kwargs)
+            model.compile(**kwargs)
             done.append(f"{type(model).__name__} whole model")
-        if denoiser_kwargs is not kwargs:
-            done[-1] += f" with fullgraph=False (the {ctx.state['cache']} cache decides eagerly)"
+        if plan.cache and not plan.fullgraph:
+            # The step cache decides whether to skip the remaining blocks in a function diffusers marks
+            # torch.compiler.disable: a deliberate graph break inside the first block.
+            done[-1] += f" with fullgraph=False (the {plan.cache} cache decides eagerly)"
     if todo_vae:
-        ctx.components["vae"].decoder.compile(**{**kwargs, "fullgraph": False})
-        done.append("vae decoder")
+        vae_kwargs = {"fullgraph": False, "dynamic": plan.dynamic}
+        if plan.vae_compile_mode:
+            vae_kwargs["mode"] = plan.vae_compile_mode
+        ctx.components["vae"].decoder.compile(**vae_kwargs)
+        done.append("vae decoder" + (f" (mode={plan.vae_compile_mode})" if plan.vae_compile_mode else ""))
+    stats = CompileStats(model=type(ctx.denoiser).__name__, budget=plan.recompile_limit)
     ctx.state["compiled"] = True
-    ctx.state["run_context"] = compiled_run_context
+    ctx.state["compile_stats"] = stats
+    ctx.state["run_context"] = CompiledScope(plan, stats)
+    flags = f"; inductor flags {dict(plan.inductor_flags)}" if plan.inductor_flags else ""
+    tune = f"; {plan.autotune_note}" if plan.autotune_note and "needs" in plan.autotune_note else ""
     ctx.report.applied("compile", f"{'; '.join(done)} (dynamic={kwargs['dynamic']}, fullgraph={kwargs['fullgraph']}"
-                       f"{', mode=' + kwargs['mode'] if 'mode' in kwargs else ''}); cache {cache}")
+                       f"{', mode=' + kwargs['mode'] if 'mode' in kwargs else ''}); recompile budget "
+                       f"{plan.recompile_limit} graphs per function{flags}{tune}; cache {cache}")
+
+
+@dataclass
+class CompileStats:
+    """Graphs dynamo compiled while one model ran. The first job compiles; graphs after it are recompiles (a new
+    resolution with static shapes, a guard that failed). Counted from dynamo's process-wide counters around the
+    model's calls: exact while one job runs at a time in the process (the engine's device lock)."""
+
+    model: str
+    budget: int  # recompile_limit: graphs per compiled function
+    jobs: int = 0
+    graphs: int = 0
+    first_job_graphs: int = 0
+
+    @property
+    def recompiles(self) -> int:
+        return self.graphs - self.first_job_graphs
+
+    def record(self, new_graphs: int) -> None:
+        self.jobs += 1
+        self.graphs += new_graphs
+        if self.jobs == 1:
+            self.first_job_graphs = new_graphs
+
+    def as_dict(self) -> dict[str, int | str]:
+        return {"model": self.model, "budget": self.budget, "jobs": self.jobs, "graphs": self.graphs,
+                "recompiles": self.recompiles}
+
+
+class CompiledScope:
+    """The pipeline's `run_context`: entered around every job of a compiled model.
+
+    - duck shaping off: dynamo would otherwise merge sizes that happen to be equal on the first call (e.g. 16 image
+      tokens and a head dim of 16) and recompile when a new resolution separates them;
+    - the recompile budget (`torch._dynamo.config.recompile_limit`): past it, a function runs eagerly;
+    - on CUDA, the plan's inductor flags (flux-fast's recipe).
+    Compilation is lazy (on the first call), so this must wrap the calls, not the `compile()`."""
+
+    _lock = threading.Lock()  # the counters are process-wide
+
+    def __init__(self, plan: CompilePlan, stats: CompileStats):
+        self.plan = plan
+        self.stats = stats
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        import torch._dynamo.config as dynamo_config
+        import torch.fx.experimental._config as fx_config
+
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(fx_config.patch(use_duck_shape=False))
+            stack.enter_context(dynamo_config.patch(recompile_limit=self.plan.recompile_limit))
+            if self.plan.inductor_flags:
+                import torch._inductor.config as inductor_config
+
+                stack.enter_context(inductor_config.patch(dict(self.plan.inductor_flags)))
+            before = _unique_graphs()
+            try:
+                yield
+            finally:
+                with self._lock:
+                    self.stats.record(_unique_graphs() - before)
 
 
 def compiled_run_context() -> Any:
-    """Scope for running compiled modules. Duck shaping off: dynamo would otherwise merge sizes that happen to be
-    equal on the first call (e.g. 16 image tokens and a head dim of 16) and recompile when a new resolution
-    separates them. Compilation is lazy, so this must wrap the calls, not the `compile()`."""
+    """Duck shaping off, without a plan's budget or flags (kept for callers that compile by hand)."""
     import torch.fx.experimental._config as fx_config
 
     return fx_config.patch(use_duck_shape=False)
+
+
+def _unique_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def compile_counters() -> dict[str, int]:

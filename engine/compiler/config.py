@@ -35,6 +35,7 @@ class CompileConfig(BaseModel):
     vae_dtype: Literal["safe", "fp32", "same"] = "safe"  # safe: fp32 where half precision overflows (fp16 + upcast VAEs)
     text_encoder_dtype: Literal["same", "fp32"] = "same"
     attention: Attention = "default"
+    attention_allow_lossy: bool = False  # "auto" may pick SageAttention (int8 Q/K: lossy); only O3 allows it
     fuse_qkv: bool = False
     channels_last: bool = False
     cache: Cache = "none"
@@ -44,8 +45,11 @@ class CompileConfig(BaseModel):
     compile_vae: bool = False
     compile_fullgraph: bool = True
     compile_dynamic: bool = True  # symbolic sizes: a new resolution in the same bucket reuses the graph
-    compile_mode: str | None = None  # torch.compile mode; cuda_graphs picks "reduce-overhead"
-    cuda_graphs: Toggle = False
+    compile_mode: str | None = None  # torch.compile mode; None: the plan picks it (engine/compiler/plan.py)
+    compile_autotune: bool = False  # max-autotune where shapes are static (CUDA): minutes of tuning, faster kernels
+    inductor_tuning: bool = False  # flux-fast's inductor flags on CUDA, scoped around compiled calls
+    recompile_limit: int = Field(default=8, ge=1, le=64)  # graphs per compiled function (static: one per resolution)
+    cuda_graphs: Toggle = False  # only around the whole denoiser with static shapes, never with the step cache
     prompt_cache_size: int = Field(default=0, ge=0, le=100_000)
     lora_hotswap_rank: int = Field(default=64, ge=1, le=1024)  # compiled models pre-allocate LoRA slots this large
     lora_fuse_after: int = Field(default=3, ge=0)  # fuse a LoRA set into the weights after N uses in a row (0: never)
