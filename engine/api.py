@@ -12,18 +12,21 @@ import importlib
 import logging
 import secrets
 import threading
+import time
 from typing import Any
 
 import torch
 
 from .compiler import CompileConfig, OptimizationReport, optimize, resolve_config
-from .errors import InvalidRequestError, ModelNotFoundError
+from .compiler.dtype import dtype_policy
+from .errors import InsufficientMemoryError, InvalidRequestError, ModelNotFoundError
 from .loading import LoadedModel, load_model
 from .lora import LoraManager, resolve_lora
 from .pipelines.base import GenerationParams, StepCallback, TextToImagePipeline
 from .registry import find_spec, registry
 from .requests import GenerateRequest, Result, UpscaleRequest, UpscaleResult, parse_request
 from .runtime.device import resolve_device
+from .runtime.planner import Planner, free_device_memory, is_out_of_memory
 from .schedulers import get_preset
 from .service import FalMixin
 
@@ -36,20 +39,41 @@ def _pipeline_class(path: str) -> type[TextToImagePipeline]:
 
 
 class _Slot:
-    """One loaded model placed on the engine's device, optimized by the compiler, with its pipeline."""
+    """One loaded model placed on the engine's device by its memory plan, optimized by the compiler, with its
+    pipeline. Components are loaded straight into their planned dtypes (`DtypePolicy`) and reach the device already
+    cast, one at a time."""
 
-    def __init__(self, loaded: LoadedModel, device: torch.device, config: CompileConfig):
-        for value in loaded.components.values():
-            if isinstance(value, torch.nn.Module):
-                value.to(device)
+    def __init__(self, model: str, device: torch.device, config: CompileConfig, *, allow_pickle: bool,
+                 single_file_config: str | None, planner: Planner, plan: Any = None):
+        policy = dtype_policy(config, device)
+        if plan is None:
+            plan = planner.plan_before_load(model, single_file_config, policy)
+        loaded = load_model(model, torch_dtype=policy, allow_pickle=allow_pickle, config=single_file_config)
+        if plan is None:  # a model the planner cannot size from configs alone: size the loaded weights
+            plan = planner.plan_loaded(loaded, policy)
         self.loaded = loaded
         self.config = config
-        self.report, state = optimize(loaded.components, loaded.family, device, config)
+        self.plan = plan
+        placement_notes: list[str] = []
+
+        def place(components: dict[str, Any]) -> None:
+            placement_notes.extend(planner.place(components, loaded.family, plan))
+
+        if planner.places_before_passes(plan):
+            place(loaded.components)  # resident weights: the passes rewrite them on the device, as before
+            place_hook = None
+        else:
+            place_hook = place  # offload hooks wrap the final modules: weight rewrites run on the host first
+        self.report, state = optimize(loaded.components, loaded.family, device, config,
+                                      state={"dtype_policy": policy, "memory_plan": plan}, place=place_hook)
+        self.report.memory_plan = planner.describe(plan) + placement_notes
         self.pipeline = _pipeline_class(loaded.family.pipeline)(loaded.components, device, loaded.pipeline_config)
         self.pipeline.prompt_cache = state.get("prompt_cache")
         self.pipeline.run_context = state.get("run_context")
+        self.pipeline.encode_scope = planner.encode_scope(loaded.components, loaded.family, plan)
         self.exported: dict[str, str] = dict(state.get("backend", {}))  # component -> backend running its graph
         self.loras: LoraManager | None = None  # created on the first request with adapters
+        self.source = (model, allow_pickle, single_file_config)
 
     def lora_manager(self) -> LoraManager:
         if self.loras is None:
@@ -73,8 +97,8 @@ class _UpscaleSlot:
         if spec is not None and spec.family_spec.task != "upscale":
             raise ModelNotFoundError(model, f"is a {spec.family_spec.task} model; use Engine.generate",
                                      known=_upscale_ids())
-        network = load_aurasr(model, allow_pickle=allow_pickle)
         dtype = BY_NAME.get(config.dtype) or best_half_dtype(device) or torch.float32
+        network = load_aurasr(model, allow_pickle=allow_pickle, torch_dtype=dtype)  # read straight into `dtype`
         self.report = OptimizationReport(config_hash=config.compute_hash(), device=str(device))
         if dtype == torch.float32:
             self.report.skipped("dtype", "fp32 (no half precision at this level or on this device)")
@@ -99,16 +123,27 @@ class Engine(FalMixin):
 
     def __init__(self, device: str | torch.device = "auto", *, opt_level: str | None = None,
                  compile_config: CompileConfig | dict[str, Any] | None = None, allow_pickle: bool = False,
-                 allow_private_urls: bool = False):
+                 allow_private_urls: bool = False, max_memory: int | str | None = None,
+                 max_loaded_models: int | None = None, allow_lossy_memory: bool = False):
         """`opt_level` O0..O3 (configs/opt_levels.yaml); default O2 on CUDA, O0 (stock fp32) elsewhere.
-        `compile_config` overrides fields of the level (a dict) or replaces it (a CompileConfig)."""
+        `compile_config` overrides fields of the level (a dict) or replaces it (a CompileConfig).
+
+        Memory: each model gets the richest placement that fits the device budget (`max_memory`, e.g. "24GB", or
+        the free device memory): resident, text encoders offloaded, model or group offload, and with
+        `allow_lossy_memory` fp8 or quantized weight storage. Loaded models are evicted least-recently-used when a
+        new one does not fit beside them, or when more than `max_loaded_models` would be loaded."""
+        if max_loaded_models is not None and max_loaded_models < 1:
+            raise InvalidRequestError("max_loaded_models", "must be at least 1", ">= 1", max_loaded_models)
         self.device = resolve_device(device)
         self.opt_level = opt_level or ("O2" if self.device.type == "cuda" else "O0")
         self.compile_config = resolve_config(self.opt_level, compile_config, self.opt_level)
         self.allow_pickle = allow_pickle
         self.allow_private_urls = allow_private_urls  # for URLs in requests (LoRAs, images): SSRF guard
+        self._planner = Planner(self.device, max_memory, allow_lossy=allow_lossy_memory)
+        self.max_loaded_models = max_loaded_models
         self._slots: dict[str, _Slot] = {}
         self._upscalers: dict[str, _UpscaleSlot] = {}
+        self._last_used: dict[str, float] = {}  # model -> time of its last use, for LRU eviction
         self.max_input_pixels = 16_777_216  # upscale inputs larger than this are refused (4096 x 4096)
         self._load_lock = threading.Lock()
         self._run_lock = threading.Lock()
@@ -130,20 +165,43 @@ class Engine(FalMixin):
         return self._slot(model, allow_pickle, config, wanted).loaded
 
     def _slot(self, model: str, allow_pickle: bool | None = None, config: str | None = None,
-              compile_config: CompileConfig | None = None) -> _Slot:
+              compile_config: CompileConfig | None = None, plan: Any = None) -> _Slot:
         with self._load_lock:
             slot = self._slots.get(model)
-            if slot is not None and compile_config is not None and slot.config != compile_config:
+            if slot is not None and ((compile_config is not None and slot.config != compile_config)
+                                     or plan is not None):
                 with self._run_lock:
                     del self._slots[model]
                 slot = None
             if slot is None:
                 pickle_ok = self.allow_pickle if allow_pickle is None else allow_pickle
-                loaded = load_model(model, allow_pickle=pickle_ok, config=config)
-                slot = _Slot(loaded, self.device, compile_config or self.compile_config)
+                wanted = compile_config or self.compile_config
+                if plan is None:
+                    plan = self._planner.plan_before_load(model, config, dtype_policy(wanted, self.device))
+                self._make_room(model, plan)
+                slot = _Slot(model, self.device, wanted, allow_pickle=pickle_ok, single_file_config=config,
+                             planner=self._planner, plan=plan)
                 self._slots[model] = slot
+            self._last_used[model] = time.monotonic()
             return slot
 
+    def _make_room(self, model: str, plan: Any) -> None:
+        """Evict least-recently-used models (caller holds the load lock) until `plan` fits beside the rest and the
+        count stays within `max_loaded_models`."""
+        while True:
+            loaded = [(k, d) for d in (self._slots, self._upscalers) for k in d if k != model]
+            if not loaded:
+                return
+            too_many = self.max_loaded_models is not None and len(loaded) >= self.max_loaded_models
+            others = [self._slots[k].plan if k in self._slots else None for k, _ in loaded]
+            if not too_many and (plan is None or self._planner.fits_beside(plan, [o for o in others if o])):
+                return
+            key, table = min(loaded, key=lambda kd: self._last_used.get(kd[0], 0.0))
+            why = "max_loaded_models" if too_many else "device memory"
+            log.info("evicting %s (least recently used) to make room for %s (%s)", key, model, why)
+            with self._run_lock:
+                table.pop(key, None)
+            self._planner.release()
     def unload_loras(self, model: str) -> None:
         """Remove every adapter from `model`: it is exactly the base model again."""
         slot = self._slot(model)
@@ -211,13 +269,47 @@ class Engine(FalMixin):
         # Fetch adapters before taking the device: a download must not hold up other jobs.
         loras = [resolve_lora(spec, i, allow_private_urls=self.allow_private_urls) for i, spec in enumerate(request.loras)]
         params = dataclasses.replace(params, lora_key=tuple((lo.sha256, lo.scale) for lo in loras))
-        with self._run_lock:
-            if loras or slot.loras is not None:
-                slot.lora_manager().apply(loras)
-            out = slot.pipeline(params, step_callback=step_callback)
+        failure = None
+        try:
+            out = self._run(slot, loras, params, step_callback)
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if failure is not None:  # outside the except block: the traceback's tensors are released by now
+            old = (slot.source, slot.config, slot.plan)
+            del slot
+            slot = self._fall_back(request.model, *old, failure)
+            out = self._run(slot, loras, params, step_callback)  # once: a second OOM propagates
         return Result(images=out.images, seed=params.seed, timings=out.timings, model=request.model,
                       width=params.width, height=params.height, num_inference_steps=params.num_inference_steps,
                       guidance_scale=params.guidance_scale, prompt=params.prompt)
+
+    def _run(self, slot: _Slot, loras: list[Any], params: GenerationParams,
+             step_callback: StepCallback | None) -> Any:
+        with self._run_lock:
+            if loras or slot.loras is not None:
+                slot.lora_manager().apply(loras)
+            return slot.pipeline(params, step_callback=step_callback)
+
+    def _fall_back(self, model: str, source: tuple[str, bool, str | None], config: CompileConfig, plan: Any,
+                   failure: str) -> _Slot:
+        """After an out-of-memory error: free what the failed job held, step one rung down the memory ladder, and
+        reload the model with that plan (the next requests start from it too)."""
+        smaller = self._planner.next_plan(plan)
+        with self._load_lock, self._run_lock:
+            self._slots.pop(model, None)  # drop the failed placement before building the smaller one
+        free_device_memory(self.device)
+        if smaller is None:
+            raise InsufficientMemoryError(f"{model}: out of memory on {self.device} even with the smallest memory "
+                                          f"plan ({self._planner.name(plan)}): {failure}")
+        log.warning("%s: out of memory with plan %s; retrying once with %s", model, self._planner.name(plan),
+                    self._planner.name(smaller))
+        name, allow_pickle, single_file_config = source
+        new = self._slot(name, allow_pickle, single_file_config, config, plan=smaller)
+        new.report.memory_plan.append(f"fallback: out of memory with {self._planner.name(plan)} ({failure}); "
+                                      f"stepped down to {self._planner.name(smaller)}")
+        return new
 
     # -- upscale --------------------------------------------------------------------------------------------------
     def upscale(self, image: Any = None, *, request: UpscaleRequest | None = None, **kwargs: Any) -> UpscaleResult:
@@ -241,8 +333,10 @@ class Engine(FalMixin):
         with self._load_lock:
             slot = self._upscalers.get(model)
             if slot is None:
+                self._make_room(model, None)
                 slot = _UpscaleSlot(model, self.device, self.compile_config, self.allow_pickle)
                 self._upscalers[model] = slot
+            self._last_used[model] = time.monotonic()
             return slot
 
     def _resolve(self, request: GenerateRequest, loaded: LoadedModel) -> GenerationParams:

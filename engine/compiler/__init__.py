@@ -35,16 +35,30 @@ PASSES: list[Callable[[PassContext], None]] = [
     apply_compile,
     apply_prompt_cache,
 ]
+# With an offloading memory plan, components are placed right before the first of these passes.
+PLACEMENT_BEFORE = (apply_backend, apply_cuda_graphs, apply_compile)
 
 
-def optimize(components: dict[str, Any], family: FamilySpec, device: torch.device,
-             config: CompileConfig) -> tuple[OptimizationReport, dict[str, Any]]:
-    """Apply every pass in place; return the report and the decisions the pipeline needs (e.g. its prompt cache)."""
+def optimize(components: dict[str, Any], family: FamilySpec, device: torch.device, config: CompileConfig, *,
+             state: dict[str, Any] | None = None,
+             place: Callable[[dict[str, Any]], None] | None = None) -> tuple[OptimizationReport, dict[str, Any]]:
+    """Apply every pass in place; return the report and the decisions the pipeline needs (e.g. its prompt cache).
+
+    `state` seeds what the passes read (the dtype policy the weights were loaded with, the memory plan). `place`, if
+    given, puts the components on the device (offload hooks) after the passes that rewrite weights and before those
+    that capture the final modules (export, compile): hooks must wrap the modules that will actually run.
+    """
     report = OptimizationReport(config_hash=config.compute_hash(), device=str(device))
-    ctx = PassContext(components=components, family=family, device=device, config=config, report=report)
+    ctx = PassContext(components=components, family=family, device=device, config=config, report=report,
+                      state=dict(state or {}))
     with _quiet_diffusers():
         for apply in PASSES:
+            if place is not None and apply in PLACEMENT_BEFORE:
+                place(components)
+                place = None
             apply(ctx)
+        if place is not None:
+            place(components)
     return report, ctx.state
 
 

@@ -18,6 +18,7 @@ class OptimizationReport:
     config_hash: str
     device: str
     results: list[PassResult] = field(default_factory=list)
+    memory_plan: list[str] = field(default_factory=list)  # the placement chosen for the device budget, and why
 
     def applied(self, name: str, detail: str) -> None:
         self.results.append(PassResult(name, "applied", detail))
@@ -37,10 +38,14 @@ class OptimizationReport:
 
     def as_dict(self) -> dict[str, object]:
         return {"config_hash": self.config_hash, "device": self.device,
-                "passes": [{"name": r.name, "status": r.status, "detail": r.detail} for r in self.results]}
+                "passes": [{"name": r.name, "status": r.status, "detail": r.detail} for r in self.results],
+                "memory_plan": list(self.memory_plan)}
 
     def __str__(self) -> str:
         width = max((len(r.name) for r in self.results), default=4)
         lines = [f"optimization report ({self.device}, config {self.config_hash})"]
         lines += [f"  {r.name.ljust(width)}  {r.status:8} {r.detail}" for r in self.results]
+        if self.memory_plan:
+            lines.append("memory plan")
+            lines += [f"  {line}" for line in self.memory_plan]
         return "\n".join(lines)

@@ -13,6 +13,7 @@ import torch
 from ..errors import ModelLoadError, ModelNotFoundError
 from ..families import FamilySpec, get_family
 from ..registry import ModelSpec, find_spec, get_spec, registry
+from .dtypes import TorchDtype
 from .pretrained import fetch_hub_model, folder_family, load_folder, read_model_index
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def _pipeline_config(folder: Path) -> dict[str, Any]:
     return {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}
 
 
-def _from_folder(key: str, folder: Path, spec: ModelSpec | None, dtype: torch.dtype, allow_pickle: bool) -> LoadedModel:
+def _from_folder(key: str, folder: Path, spec: ModelSpec | None, dtype: TorchDtype, allow_pickle: bool) -> LoadedModel:
     family = folder_family(folder)
     components = load_folder(folder, torch_dtype=dtype, allow_pickle=allow_pickle)
     return LoadedModel(key=key, family=family, components=components,
@@ -80,7 +81,7 @@ def _config_folder(config: str) -> tuple[Path, ModelSpec | None]:
     return (arch if spec.arch and arch.is_dir() else fetch_hub_model(spec.source)), spec
 
 
-def _from_single_file(key: str, path: Path, dtype: torch.dtype, allow_pickle: bool,
+def _from_single_file(key: str, path: Path, dtype: TorchDtype, allow_pickle: bool,
                       config: str | None) -> LoadedModel:
     from .single_file import load_single_file
 
@@ -97,7 +98,7 @@ def _from_single_file(key: str, path: Path, dtype: torch.dtype, allow_pickle: bo
                        pipeline_config=pipeline_config)
 
 
-def _from_preset(spec: ModelSpec, dtype: torch.dtype, allow_pickle: bool) -> LoadedModel:
+def _from_preset(spec: ModelSpec, dtype: TorchDtype, allow_pickle: bool) -> LoadedModel:
     """A distilled preset: its base model, with a replacement UNet loaded and/or a LoRA fused in."""
     from safetensors.torch import load_file
 
@@ -133,7 +134,7 @@ def _spec_folder(spec: ModelSpec) -> Path:
     return fetch_hub_model(spec.source)
 
 
-def load_model(model: str, *, torch_dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
+def load_model(model: str, *, torch_dtype: TorchDtype = torch.float32, allow_pickle: bool = False,
                config: str | None = None) -> LoadedModel:
     """Load `model`: a registry id, a local diffusers folder, a single checkpoint file, or a hub id.
 

@@ -18,6 +18,7 @@ import torch
 from ..errors import HubUnavailableError, ModelLoadError, UnsafeCheckpointError
 from ..families import FamilySpec, family_of_pipeline_class
 from .classes import component_kind, resolve_class
+from .dtypes import TorchDtype, component_dtype, folder_config
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def _check_weights(folder: Path, name: str, allow_pickle: bool) -> None:
         raise ModelLoadError(f"{sub}: no weights file (*.safetensors) found")
 
 
-def _load_component(folder: Path, name: str, library: str, cls_name: str, torch_dtype: torch.dtype,
+def _load_component(folder: Path, name: str, library: str, cls_name: str, torch_dtype: TorchDtype,
                     allow_pickle: bool) -> Any:
     kind = component_kind(library, cls_name)
     if kind is None:
@@ -76,20 +77,23 @@ def _load_component(folder: Path, name: str, library: str, cls_name: str, torch_
         return cls.from_pretrained(str(folder / name), local_files_only=True)
     _check_weights(folder, name, allow_pickle)
     use_safetensors = not allow_pickle or any((folder / name).glob("*.safetensors"))
+    dtype = component_dtype(torch_dtype, name, cls_name, folder_config(folder / name))
+    # Both libraries build on the meta device and load each tensor straight into `dtype` (no fp32 copy first).
     if library == "diffusers":
-        model = cls.from_pretrained(str(folder), subfolder=name, torch_dtype=torch_dtype, local_files_only=True,
-                                    use_safetensors=use_safetensors)
+        model = cls.from_pretrained(str(folder), subfolder=name, torch_dtype=dtype, local_files_only=True,
+                                    use_safetensors=use_safetensors, low_cpu_mem_usage=True)
     else:
-        model = cls.from_pretrained(str(folder / name), dtype=torch_dtype, local_files_only=True,
+        model = cls.from_pretrained(str(folder / name), dtype=dtype, local_files_only=True,
                                     use_safetensors=use_safetensors)
     model.eval()
     model.requires_grad_(False)
     return model
 
 
-def load_folder(folder: Path, *, torch_dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
+def load_folder(folder: Path, *, torch_dtype: TorchDtype = torch.float32, allow_pickle: bool = False,
                 only: set[str] | None = None) -> dict[str, Any]:
-    """Load the components of the folder's family (or just `only`), each on the CPU in `torch_dtype`."""
+    """Load the components of the folder's family (or just `only`), each on the CPU in `torch_dtype` (one dtype,
+    or a per-component policy)."""
     folder = Path(folder)
     family = folder_family(folder)
     index = read_model_index(folder)

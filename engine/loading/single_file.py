@@ -27,6 +27,7 @@ from ..families import get_family
 from ..paths import configs_dir
 from ..registry import registry
 from .classes import component_kind, resolve_class
+from .dtypes import TorchDtype, component_dtype, module_config
 from .original_layout import flux_bfl_to_diffusers
 from .pretrained import HUB_IGNORE_PATTERNS, folder_family, load_folder, read_model_index
 from .tiny import ensure_tiny_model
@@ -400,7 +401,9 @@ def assign_weights(module: torch.nn.Module, sd: StateDict, torch_dtype: torch.dt
 
 
 def _load_part(ckpt: Checkpoint, part: FilePart, prefix: str, module: torch.nn.Module,
-               torch_dtype: torch.dtype | None) -> torch.nn.Module:
+               torch_dtype: TorchDtype | None) -> torch.nn.Module:
+    if torch_dtype is not None:
+        torch_dtype = component_dtype(torch_dtype, part.component, type(module).__name__, module_config(module))
     tensors = ckpt.tensors(_part_keys(prefix, ckpt.keys))
     converted = CONVERTERS[part.converter](tensors, prefix, module)
     del tensors
@@ -463,7 +466,7 @@ def _hub_folder(repo_id: str, names: Sequence[str]) -> Path:
     )
 
 
-def load_missing_components(folder: Path, names: Sequence[str], *, torch_dtype: torch.dtype = torch.float32,
+def load_missing_components(folder: Path, names: Sequence[str], *, torch_dtype: TorchDtype = torch.float32,
                             allow_pickle: bool = False) -> dict[str, Any]:
     """Components a single file does not hold: from `folder` when it has them, else from its registry hub source."""
     folder = Path(folder)
@@ -522,7 +525,7 @@ def _file_parts(layout: LayoutSpec, ckpt: Checkpoint) -> dict[str, tuple[FilePar
 
 
 def load_single_file(path: str | Path, *, candidates: Sequence[Path] | None = None, allow_pickle: bool = False,
-                     torch_dtype: torch.dtype = torch.float32) -> tuple[str, dict[str, Any]]:
+                     torch_dtype: TorchDtype = torch.float32) -> tuple[str, dict[str, Any]]:
     """Load an original-layout checkpoint as diffusers components: (family name, {component name: object}).
 
     `candidates` are diffusers-layout folders (configs; weights optional); the first whose architecture matches the
@@ -544,7 +547,7 @@ def load_single_file(path: str | Path, *, candidates: Sequence[Path] | None = No
 
 
 def load_single_file_component(path: str | Path, component: str, config_folder: Path, *,
-                               torch_dtype: torch.dtype = torch.float32, allow_pickle: bool = False
+                               torch_dtype: TorchDtype = torch.float32, allow_pickle: bool = False
                                ) -> torch.nn.Module:
     """Load one component (e.g. the UNet) of a single file against one config folder; nothing else is read."""
     ckpt = Checkpoint(path, allow_pickle=allow_pickle)

@@ -135,6 +135,8 @@ class TextToImagePipeline:
         self.config = dict(config or {})  # pipeline-level settings from model_index.json
         self.prompt_cache: Any = None  # set by the compiler's prompt cache pass
         self.run_context: Callable[[], Any] | None = None  # set by the compile pass: scope of compiled calls
+        # Set by the memory plan: scope around text encoding (e.g. encoders brought onto the device, then sent back)
+        self.encode_scope: Callable[[], Any] | None = None
         self.vae = components["vae"]
         self.scheduler = components["scheduler"]
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -165,13 +167,18 @@ class TextToImagePipeline:
         return (params.prompt, params.negative_prompt, params.num_images, params.guidance_scale > 1.0,
                 params.max_sequence_length, params.true_cfg_scale > 1.0, params.lora_key)
 
+    def _encode(self, params: GenerationParams) -> dict[str, Any]:
+        scope = self.encode_scope() if self.encode_scope is not None else contextlib.nullcontext()
+        with scope:
+            return self.encode(params)
+
     def _encode_cached(self, params: GenerationParams) -> dict[str, Any]:
         if self.prompt_cache is None:
-            return self.encode(params)
+            return self._encode(params)
         key = self.prompt_key(params)
         cond = self.prompt_cache.get(key)
         if cond is None:
-            cond = self.encode(params)
+            cond = self._encode(params)
             self.prompt_cache.put(key, cond)
         return cond
 
