@@ -368,7 +368,242 @@ def test_onnxruntime_provider_choice():
     assert ort.graph_dtype("CPUExecutionProvider", torch.bfloat16) == (torch.float32,
                                                                        "bf16 -> fp32 (CPU provider kernels)")
     assert ort.graph_dtype("CUDAExecutionProvider", torch.float16) == (torch.float16, "")
-    assert ort.graph_dtype("CUDAExecutionProvider", torch.bfloat16)[0] == torch.float32
     options = ort.provider_options("TensorrtExecutionProvider", cuda, _spec(), torch.float16, store.store_root())
     assert options["trt_fp16_enable"] and options["trt_profile_min_shapes"].startswith("sample:1x4x8x8,timestep:1,")
     assert options["trt_profile_max_shapes"].endswith("encoder_hidden_states:16x77x2048")
+
+
+# -- narrow profiles, precision per provider, host placement: pure parts ---------------------------------------
+
+
+def _sdxl_like():
+    """The tiny SDXL's UNet and VAE (its VAE scales by 8, as SDXL's does) under SDXL's family range, native 1024."""
+    from engine.compiler.export.specs import denoiser_spec
+
+    loaded = load_model("tiny-sdxl")
+    profile = SizeProfile(64, 1024, 4096, 8, True)
+    unet_for = lambda p: denoiser_spec("unet", loaded.components["unet"], loaded.components, p)  # noqa: E731
+    return loaded, profile, unet_for
+
+
+def test_tensorrt_static_buckets_for_simulated_requests():
+    from engine.compiler.export.profiles import POLICIES, BucketPlan, narrow
+
+    _, profile, unet_for = _sdxl_like()
+    wide = unet_for(profile)
+    plan = BucketPlan.create(POLICIES["tensorrt"], wide, rows_per_image=2)
+    first = plan.initial()  # native size, up to 4 images with guidance
+    assert first.bounds == {"batch": (1, 2, 8), "latent_height": (128, 128, 128), "latent_width": (128, 128, 128),
+                            "text_len": (77, 77, 77)}
+    assert tensorrt.profile_shapes(narrow(wide, first))["sample"] == ((1, 4, 128, 128), (2, 4, 128, 128),
+                                                                      (8, 4, 128, 128))
+    portrait = plan.bucket_for({"batch": 2, "latent_height": 1344 // 8, "latent_width": 768 // 8, "text_len": 77})
+    assert portrait.bounds["latent_height"] == (168, 168, 168) and portrait.bounds["latent_width"] == (96, 96, 96)
+    assert plan.bucket_for({"batch": 16, "latent_height": 128, "latent_width": 128}).bounds["batch"] == (1, 16, 16)
+    assert plan.bucket_for({"batch": 18, "latent_height": 128, "latent_width": 128}) is None  # past the ladder
+    assert plan.bucket_for({"batch": 2, "latent_height": 600, "latent_width": 128}) is None  # past the family
+    assert plan.outside_axis({"batch": 2, "latent_height": 600, "latent_width": 128}) == "latent_height"
+    keys = {tensorrt.engine_key(onnx_key="onnx-unet-x", spec=narrow(wide, b), precision="bf16", trt_version="10",
+                                device_tag="cuda-H100") for b in (first, portrait)}
+    assert len(keys) == 2  # one engine per bucket, each keyed by its own profile
+
+
+def test_dynamic_buckets_are_narrow_pixel_ranges():
+    from engine.compiler.export.profiles import POLICIES, BucketPlan
+
+    _, profile, unet_for = _sdxl_like()
+    plan = BucketPlan.create(POLICIES["onnxruntime-tensorrt"], unet_for(profile), 2, profile, unet_for)
+    first = plan.initial()
+    assert first.bounds["latent_height"] == (64, 128, 192) and first.bounds["batch"][2] == 8  # 512-1536 px, 4 images
+    big = plan.bucket_for({"batch": 2, "latent_height": 2048 // 8, "latent_width": 2048 // 8, "text_len": 77})
+    assert big.bounds["latent_width"] == (192, 192, 256)  # 1536-2048 px, optimum nearest the native size
+    small = plan.bucket_for({"batch": 1, "latent_height": 32, "latent_width": 48, "text_len": 77})
+    assert small.bounds["latent_height"][0] == 8 and small.bounds["latent_height"][2] == 64  # 64-512 px
+    with pytest.raises(ValueError, match="spec builder"):
+        BucketPlan.create(POLICIES["onnxruntime-tensorrt"], unet_for(profile), 2)
+
+
+class _FakeEngine:
+    def __init__(self, bucket):
+        self.bucket, self.description, self.calls = bucket, "fake", 0
+
+    def __call__(self, inputs, output):
+        self.calls += 1
+        output.fill_(1.0)
+
+
+def _bucketed(policy):
+    from engine.compiler.export.profiles import BucketedRunner, BucketPlan
+
+    _, profile, unet_for = _sdxl_like()
+    wide = unet_for(profile)
+    built, released = [], []
+
+    def build(bucket):
+        built.append(bucket)
+        return _FakeEngine(bucket)
+
+    runner = BucketedRunner(BucketPlan.create(policy, wide, 2), wide, build, release=lambda: released.append(1))
+    return runner, wide, built, released
+
+
+def _inputs(spec, batch, h, w):
+    x = spec.example_inputs(torch.float32, CPU, pick="opt")
+    x["sample"] = torch.zeros(batch, 4, h, w)
+    for name in ("timestep", "encoder_hidden_states", "text_embeds", "time_ids"):
+        x[name] = x[name][:1].expand(batch, *x[name].shape[1:])
+    return x
+
+
+def test_bucketed_runner_builds_new_sizes_and_keeps_a_bounded_set():
+    from engine.compiler.export.profiles import POLICIES
+
+    runner, wide, built, released = _bucketed(POLICIES["tensorrt"])
+    runner.prepare(runner.plan.initial())
+    out = torch.zeros(1)
+    runner(_inputs(wide, 2, 128, 128), out)  # the native size: the engine built at load
+    runner(_inputs(wide, 1, 128, 128), out)  # fewer rows fit the same engine
+    assert len(built) == 1 and out.item() == 1.0
+    for h, w in ((96, 128), (128, 96), (64, 64)):  # three new sizes: built on demand, the oldest dropped
+        runner(_inputs(wide, 2, h, w), out)
+    assert len(built) == 4 and len(runner.engines) == 3 and released == [1]
+    assert [b.bounds["latent_height"][0] for b in runner.engines] == [96, 128, 64]
+    runner(_inputs(wide, 2, 96, 128), out)  # still held: reused, not rebuilt
+    assert len(built) == 4
+
+
+def test_outside_profile_is_a_typed_request_error_when_the_policy_does_not_build():
+    import dataclasses
+
+    from engine import errors
+    from engine.compiler.export.profiles import POLICIES, OutsideProfileError
+
+    runner, wide, built, _ = _bucketed(dataclasses.replace(POLICIES["tensorrt"], on_miss="error"))
+    runner.prepare(runner.plan.initial())
+    with pytest.raises(OutsideProfileError, match="latent_height=96") as info:
+        runner(_inputs(wide, 2, 96, 128), torch.zeros(1))
+    assert isinstance(info.value, errors.InvalidRequestError) and info.value.field == "height"
+    assert info.value.to_dict()["detail"][0]["loc"] == ["body", "height"]
+    runner, wide, _, _ = _bucketed(POLICIES["tensorrt"])  # building policy: past the image ladder is refused too
+    with pytest.raises(OutsideProfileError) as info:
+        runner(_inputs(wide, 18, 128, 128), torch.zeros(1))
+    assert info.value.field == "num_images"
+
+
+def test_a_failed_execution_context_drops_an_engine_and_retries_once():
+    from engine.compiler.export.profiles import POLICIES, BucketedRunner, BucketPlan, NoExecutionContext
+
+    _, profile, unet_for = _sdxl_like()
+    wide = unet_for(profile)
+    attempts = []
+
+    def build(bucket):
+        attempts.append(bucket)
+        if len(attempts) == 2:
+            raise NoExecutionContext("out of memory")
+        return _FakeEngine(bucket)
+
+    runner = BucketedRunner(BucketPlan.create(POLICIES["tensorrt"], wide, 2), wide, build)
+    runner.prepare(runner.plan.initial())
+    runner(_inputs(wide, 2, 96, 96), torch.zeros(1))
+    assert len(attempts) == 3 and len(runner.engines) == 1  # the first engine made room for the new one
+
+
+def test_tensorrt_context_failure_falls_back_with_its_reason(monkeypatch):
+    """The TensorRT path up to the runner, faked where it needs a GPU: the engine of the native bucket is built at
+    load; an execution context that cannot be created (None) falls back to onnxruntime with the reason reported."""
+    from engine.compiler import backend
+    from engine.compiler.export.profiles import NoExecutionContext
+
+    builds = []
+
+    def fake_build(onnx_path, spec, plan, out, timing, device):
+        builds.append(tensorrt.profile_shapes(spec))
+        (out / tensorrt.ENGINE_FILE).write_bytes(b"engine")
+        return {"precision": plan.precision}
+
+    class NoContext:
+        def __init__(self, path, device):
+            raise NoExecutionContext(tensorrt.context_failure(path.parent.name, 3 * 2**30, 2**30))
+
+    monkeypatch.setattr(tensorrt, "unavailable_reason", lambda device: None)
+    monkeypatch.setattr(tensorrt, "version", lambda: f"fake-{os.getpid()}-{time.monotonic_ns()}")
+    monkeypatch.setattr(tensorrt, "build_engine", fake_build)
+    monkeypatch.setattr(tensorrt, "TrtRunner", NoContext)
+    loaded = load_model("tiny-sdxl")
+    report, state = optimize(loaded.components, loaded.family, CPU, CompileConfig(backend="tensorrt"))
+    details = backend_details(report)
+    failed = [d for d in details if "tensorrt failed" in d]
+    assert failed and all("NoExecutionContext" in d and "3072 MiB" in d and "1024 MiB are free" in d for d in failed)
+    assert state["backend"] == {"unet": "onnxruntime", "vae": "onnxruntime"}
+    # each component built exactly one engine, for its native bucket: static 128 px (16 latents), up to 4 images
+    assert builds[0]["sample"] == ((1, 4, 16, 16), (2, 4, 16, 16), (8, 4, 16, 16))
+    assert builds[1]["latents"] == ((1, 4, 16, 16), (1, 4, 16, 16), (4, 4, 16, 16))
+    assert backend.host_device(CPU) is None and backend.host_device(torch.device("cuda", 0)) == CPU
+
+
+def test_tensorrt_report_names_the_bucket_and_later_sizes_build(monkeypatch):
+    from engine.compiler.export.profiles import BucketedRunner
+
+    built = []
+
+    def fake_build(onnx_path, spec, plan, out, timing, device):
+        built.append(spec.component)
+        (out / tensorrt.ENGINE_FILE).write_bytes(b"engine")
+        return {}
+
+    class Zeros:
+        description = "tensorrt fake"
+
+        def __init__(self, path, device):
+            pass
+
+        def __call__(self, inputs, output):
+            output.zero_()
+
+    monkeypatch.setattr(tensorrt, "unavailable_reason", lambda device: None)
+    monkeypatch.setattr(tensorrt, "version", lambda: f"fake-{os.getpid()}-{time.monotonic_ns()}")
+    monkeypatch.setattr(tensorrt, "build_engine", fake_build)
+    monkeypatch.setattr(tensorrt, "TrtRunner", Zeros)
+    eng = Engine(device="cpu", compile_config={"backend": "tensorrt"})
+    details = backend_details(eng.optimization_report("tiny-sdxl"))
+    line = next(d for d in details if d.startswith("unet: "))
+    assert "tensorrt fake fp32" in line and "static profile batch=1..8, latent_height=16, latent_width=16" in line
+    assert "other sizes build an engine on first use, at most 3 kept" in line
+    assert built == ["unet", "vae_decoder"]
+    eng.generate(model="tiny-sdxl", **KW)  # 64 px: a new bucket for each component
+    assert built == ["unet", "vae_decoder"] * 2
+    eng.generate(model="tiny-sdxl", **KW)
+    assert len(built) == 4
+
+
+def test_onnxruntime_precision_per_provider_and_dtype():
+    cuda, cpu = "CUDAExecutionProvider", "CPUExecutionProvider"
+    plans = {(p, str(d)): ort.graph_dtype(p, d)[0] for p in (cuda, "TensorrtExecutionProvider", cpu)
+             for d in (torch.float32, torch.float16, torch.bfloat16)}
+    assert plans[(cuda, "torch.bfloat16")] == torch.float16 and plans[(cuda, "torch.float16")] == torch.float16
+    assert plans[("TensorrtExecutionProvider", "torch.bfloat16")] == torch.float16
+    assert plans[(cuda, "torch.float32")] == torch.float32
+    assert {v for (p, _), v in plans.items() if p == cpu} == {torch.float32}
+    assert ort.graph_dtype(cuda, torch.bfloat16)[1].startswith("bf16 -> fp16")
+    upcast = SimpleConfig(force_upcast=True)
+    assert not ort.fp16_safe("vae", upcast) and ort.fp16_safe("unet", upcast) and ort.fp16_safe("vae", SimpleConfig())
+    assert ort.graph_dtype(cuda, torch.bfloat16, fp16_ok=False) == (torch.float32,
+                                                                    "bf16 -> fp32 (overflows in fp16: force_upcast)")
+
+
+class SimpleConfig:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def test_onnx_artifacts_are_keyed_by_graph_precision():
+    from engine.compiler import backend
+    from engine.compiler.context import PassContext
+    from engine.compiler.report import OptimizationReport
+
+    loaded = load_model("tiny-sdxl")
+    ctx = PassContext(loaded.components, loaded.family, CPU, CompileConfig(), OptimizationReport("", "cpu"))
+    unet = next(t for t in backend._targets(ctx) if t.name == "unet")
+    keys = {d: backend.onnx_key(ctx, unet, d) for d in (torch.float32, torch.float16, torch.bfloat16)}
+    assert len(set(keys.values())) == 3

@@ -7,7 +7,16 @@ pipelines do not know the difference. Text encoders stay in torch.
 Runs after the dtype / fuse / attention passes (it exports what they produced) and before compile: replaced
 components are recorded in `ctx.state["backend"]` for the compile pass to leave alone. A requested TensorRT that
 cannot run here falls back to onnxruntime, then to torch; every fallback and every component left on torch is in
-the report with its reason.
+the report with its reason (an engine without an execution context, i.e. out of device memory, included).
+
+On CUDA the torch copy of a component goes to the host before its export (traced there) and stays there while the
+engines build, so TensorRT's builder and the engines get the device memory; it is dropped once a backend runs the
+component, and put back on the device if none could.
+
+Engines are built for narrow shape profiles (export/profiles.py: TensorRT static image sizes, up to 4 images, a new
+engine built on the first request at another size, at most 3 kept per component); the exported ONNX stays dynamic
+over the family's range. onnxruntime on a GPU runs fp16 graphs (bf16 models included, except VAEs that overflow in
+fp16), on the CPU fp32; the graph's precision is part of its artifact key.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from .context import PassContext
 from .export import ort, store, tensorrt
 from .export.modules import ExportedFluxTransformer, ExportedModule, ExportedUNet, ExportedVaeDecoder, Runner
 from .export.onnx_export import MODEL_FILE, OPSET, ExportSpec, export_onnx
+from .export.profiles import POLICIES, Bucket, BucketedRunner, BucketPlan, narrow
 from .export.specs import SizeProfile, UnsupportedComponent, denoiser_spec, vae_decoder_spec
 
 log = logging.getLogger(__name__)
@@ -46,12 +56,26 @@ class Target:
 
     name: str  # key in ctx.components
     module: torch.nn.Module
-    spec: ExportSpec
+    spec: ExportSpec  # the exported graph's: the family's whole range
     denoiser: bool
+    profile: SizeProfile
+    spec_for: Callable[[SizeProfile], ExportSpec]  # the spec over another size profile (narrow buckets)
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.module.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @property
+    def rows_per_image(self) -> int:
+        """Batch rows per image: two for a denoiser that runs the negative branch in the same batch."""
+        return 2 if self.denoiser and self.profile.cfg else 1
+
+    def plan(self, runtime: str) -> BucketPlan:
+        return BucketPlan.create(POLICIES[runtime], self.spec, self.rows_per_image, self.profile, self.spec_for)
 
 
 def apply_backend(ctx: PassContext) -> None:
@@ -99,7 +123,8 @@ def _targets(ctx: PassContext) -> list[Target]:
     """The denoiser (unless something blocks its export, which is reported) and the VAE decoder."""
     profile = SizeProfile.for_family(ctx.family, ctx.components["vae"])
     vae = ctx.components["vae"]
-    targets = [Target("vae", vae, vae_decoder_spec(vae, profile), denoiser=False)]
+    targets = [Target("vae", vae, vae_decoder_spec(vae, profile), denoiser=False, profile=profile,
+                      spec_for=lambda p: vae_decoder_spec(vae, p))]
     denoiser = _denoiser_target(ctx, profile)
     return targets if denoiser is None else [denoiser, *targets]
 
@@ -110,7 +135,8 @@ def _denoiser_target(ctx: PassContext, profile: SizeProfile) -> Target | None:
     blocker = _denoiser_blocker(ctx, module)
     if blocker is None:
         try:
-            return Target(name, module, denoiser_spec(name, module, ctx.components, profile), denoiser=True)
+            return Target(name, module, denoiser_spec(name, module, ctx.components, profile), denoiser=True,
+                          profile=profile, spec_for=lambda p: denoiser_spec(name, module, ctx.components, p))
         except UnsupportedComponent as e:
             blocker = f"{e} has no export spec"
     ctx.report.skipped(NAME, f"{name}: {blocker}; stays on torch")
@@ -129,20 +155,43 @@ Build = Callable[[PassContext, Target], tuple[Runner, torch.dtype, str]]
 
 
 def _replace(ctx: PassContext, target: Target, chain: list[str]) -> str | None:
-    """Swap in the first backend of the chain that builds; report each failure. Returns the backend used."""
-    for backend in chain:
-        try:
-            runner, dtype, detail = BUILDERS[backend](ctx, target)
-        except Exception as e:  # export or build failure: reported, then the next backend (or torch) runs it
-            message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            log.warning("%s: %s failed", target.name, backend, exc_info=True)
-            ctx.report.skipped(NAME, f"{target.name}: {backend} failed ({type(e).__name__}: {message[:300]})")
-            continue
-        ctx.components[target.name] = WRAPPERS[target.name](runner, target.spec, target.module, dtype, ctx.device)
-        ctx.report.applied(NAME, f"{target.name}: {detail}")
-        return backend
+    """Swap in the first backend of the chain that builds; report each failure. Returns the backend used.
+
+    The torch copy waits on the host meanwhile (see `host_device`); it is put back where it was if no backend
+    builds, and otherwise left to be dropped with the last reference to it (the components now hold the stand-in).
+    """
+    home = target.device
+    host = host_device(home)
+    if host is not None:
+        target.module.to(host)
+        torch.cuda.empty_cache()  # the allocator's cached blocks back to the driver, for TensorRT and onnxruntime
+    try:
+        for backend in chain:
+            try:
+                runner, dtype, detail = BUILDERS[backend](ctx, target)
+            except Exception as e:  # export, build or context failure: reported, then the next backend (or torch)
+                message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                log.warning("%s: %s failed", target.name, backend, exc_info=True)
+                ctx.report.skipped(NAME, f"{target.name}: {backend} failed ({type(e).__name__}: {message[:300]})")
+                continue
+            ctx.components[target.name] = WRAPPERS[target.name](runner, target.spec, target.module, dtype, ctx.device)
+            moved = f"; torch copy moved to the {host.type} for export and build, then dropped" if host else ""
+            ctx.report.applied(NAME, f"{target.name}: {detail}{moved}")
+            return backend
+    except BaseException:
+        if host is not None:
+            target.module.to(home)
+        raise
+    if host is not None:
+        target.module.to(home)
     ctx.report.skipped(NAME, f"{target.name}: no backend of {', '.join(chain)} built; stays on torch")
     return None
+
+
+def host_device(device: torch.device) -> torch.device | None:
+    """Where a component waits while it is exported and its engines are built: the host, when it lives on an
+    accelerator; None (stays put) when it already is on the host."""
+    return None if device.type == "cpu" else torch.device("cpu")
 
 
 # -- ONNX artifacts --------------------------------------------------------------------------------------------
@@ -177,8 +226,8 @@ def onnx_artifact(ctx: PassContext, target: Target, dtype: torch.dtype) -> tuple
 
     def build(folder: Any) -> dict[str, Any]:
         start = time.perf_counter()
-        with _export_view(target.module, dtype):
-            meta = export_onnx(target.module, target.spec, folder, dtype=dtype, device=ctx.device)
+        with _export_view(target.module, dtype):  # traced where the module is: the host, see _replace
+            meta = export_onnx(target.module, target.spec, folder, dtype=dtype, device=target.device)
         return {**meta, "export_s": round(time.perf_counter() - start, 2)}
 
     return store.get_or_build(key, build), key
@@ -219,30 +268,53 @@ def _build_onnxruntime(ctx: PassContext, target: Target) -> tuple[Runner, torch.
     import onnxruntime
 
     providers = ort.provider_order(ctx.device, onnxruntime.get_available_providers())
-    dtype, note = ort.graph_dtype(providers[0], target.dtype)
+    dtype, note = ort.graph_dtype(providers[0], target.dtype,
+                                  fp16_ok=ort.fp16_safe(target.name, target.module.config))
     artifact, key = onnx_artifact(ctx, target, dtype)
-    options = [(p, ort.provider_options(p, ctx.device, target.spec, dtype, store.store_root() / "ort-trt" / key))
-               for p in providers]
+    bucket = ""
+    options = []
+    for p in providers:
+        spec = target.spec
+        if p == "TensorrtExecutionProvider":  # one narrow dynamic profile; the EP builds and caches its engines
+            chosen = target.plan("onnxruntime-tensorrt").initial()
+            spec, bucket = narrow(target.spec, chosen), f"TensorRT provider profile {chosen.describe()}"
+        options.append((p, ort.provider_options(p, ctx.device, spec, dtype, store.store_root() / "ort-trt" / key)))
     runner = ort.OrtRunner(artifact.file(MODEL_FILE), options, ctx.device)
-    notes = "; ".join(n for n in (note, _origin(artifact)) if n)
+    notes = "; ".join(n for n in (note, bucket, _origin(artifact)) if n)
     return runner, dtype, f"{runner.description} {DTYPE_NAMES.get(dtype, dtype)}, io binding ({notes})"
 
 
 def _build_tensorrt(ctx: PassContext, target: Target) -> tuple[Runner, torch.dtype, str]:
+    """A bucketed runner over narrow engines; the engine of the family's native size is built now (so a failure
+    falls back at load, not in a request), others on the first request that needs them."""
     half = tensorrt.precision_for(target.dtype, "none")
     precision = tensorrt.precision_for(target.dtype, ctx.config.quant if target.denoiser else "none")
     plan = tensorrt.precision_plan(precision, half=half)
     onnx_art, okey = onnx_artifact(ctx, target, plan.export_dtype)
     version, tag = tensorrt.version(), device_tag(ctx.device)
-    key = tensorrt.engine_key(onnx_key=okey, spec=target.spec, precision=precision, trt_version=version,
-                              device_tag=tag)
     timing = store.store_root() / "timing-cache" / tensorrt.timing_cache_name(version, tag)
-    engine = store.get_or_build(key, lambda folder: tensorrt.build_engine(
-        onnx_art.file(MODEL_FILE), target.spec, plan, folder, timing, ctx.device))
-    runner = tensorrt.TrtRunner(engine.file(tensorrt.ENGINE_FILE), ctx.device)
-    origin = f"{engine.path.name} {'reused from cache' if engine.reused else 'built'}"
-    notes = "; ".join(n for n in (plan.note, origin) if n)
-    return runner, plan.export_dtype, f"{runner.description} {DTYPE_NAMES[plan.export_dtype]} ({notes})"
+    origins: list[str] = []
+
+    def build(bucket: Bucket) -> Runner:
+        spec = narrow(target.spec, bucket)
+        key = tensorrt.engine_key(onnx_key=okey, spec=spec, precision=precision, trt_version=version,
+                                  device_tag=tag)
+        engine = store.get_or_build(key, lambda folder: tensorrt.build_engine(
+            onnx_art.file(MODEL_FILE), spec, plan, folder, timing, ctx.device))
+        origins.append(f"{engine.path.name} {'reused from cache' if engine.reused else 'built'}")
+        log.info("%s: TensorRT engine for %s: %s", target.name, bucket.describe(), origins[-1])
+        return tensorrt.TrtRunner(engine.file(tensorrt.ENGINE_FILE), ctx.device)
+
+    buckets = target.plan("tensorrt")
+    runner = BucketedRunner(buckets, target.spec, build, release=lambda: torch.cuda.empty_cache())
+    first = buckets.initial()
+    engine = runner.prepare(first)
+    policy = buckets.policy
+    later = ("other sizes build an engine on first use" if policy.on_miss == "build"
+             else "other sizes are refused (422)")
+    profile = (f"{policy.shapes} profile {first.describe()}; {later}, at most {policy.max_engines} kept")
+    notes = "; ".join(n for n in (plan.note, profile, origins[0], _origin(onnx_art)) if n)
+    return runner, plan.export_dtype, f"{engine.description} {DTYPE_NAMES[plan.export_dtype]} ({notes})"
 
 
 BUILDERS: dict[str, Build] = {"onnxruntime": _build_onnxruntime, "tensorrt": _build_tensorrt}

@@ -30,17 +30,38 @@ def provider_order(device: torch.device, available: list[str]) -> list[str]:
     return [*wanted, CPU_PROVIDER]
 
 
-def graph_dtype(provider: str, dtype: torch.dtype) -> tuple[torch.dtype, str]:
-    """The precision to export for `provider`, and a note when it differs from the model's.
+# The graph's precision per (provider kind, model dtype). The CPU provider has fp32 kernels only (its fp16 coverage is
+# partial). GPU providers run fp16; bf16 has no numpy type for IO binding and partial kernel coverage in the CUDA
+# provider, so a bf16 model runs as fp16 there (the precision TensorRT's and onnxruntime's diffusion demos use),
+# unless the component overflows in fp16 (see FP16_UNSAFE), which then runs fp32.
+GRAPH_DTYPES: dict[tuple[str, torch.dtype], torch.dtype] = {
+    ("cpu", torch.float32): torch.float32, ("cpu", torch.float16): torch.float32,
+    ("cpu", torch.bfloat16): torch.float32,
+    ("gpu", torch.float32): torch.float32, ("gpu", torch.float16): torch.float16,
+    ("gpu", torch.bfloat16): torch.float16,
+}
 
-    The CPU provider has fp32 kernels only (fp16 coverage is partial); GPU providers take fp16 too. bf16 has no
-    numpy type for IO binding and partial kernel coverage, so it runs as fp32 (set dtype="fp16" for speed).
-    """
-    if provider == CPU_PROVIDER:
-        return torch.float32, "" if dtype == torch.float32 else f"{_name(dtype)} -> fp32 (CPU provider kernels)"
-    if dtype in (torch.float32, torch.float16):
+
+def provider_kind(provider: str) -> str:
+    return "cpu" if provider == CPU_PROVIDER else "gpu"
+
+
+def fp16_safe(component: str, config: Any) -> bool:
+    """Whether a component may run in fp16: the rule the dtype pass applies (VAEs flagged `force_upcast`, SDXL's and
+    FLUX's, overflow to inf/NaN in fp16; denoisers run fp16, FLUX's blocks clip to the fp16 range themselves)."""
+    return not (component == "vae" and bool(getattr(config, "force_upcast", False)))
+
+
+def graph_dtype(provider: str, dtype: torch.dtype, *, fp16_ok: bool = True) -> tuple[torch.dtype, str]:
+    """The precision to export for `provider`, and a note when it differs from the model's."""
+    kind = provider_kind(provider)
+    chosen = GRAPH_DTYPES.get((kind, dtype), torch.float32)
+    if chosen == torch.float16 and dtype != torch.float16 and not fp16_ok:
+        return torch.float32, f"{_name(dtype)} -> fp32 (overflows in fp16: force_upcast)"
+    if chosen == dtype:
         return dtype, ""
-    return torch.float32, f"{_name(dtype)} -> fp32 (onnxruntime has no {_name(dtype)} IO binding)"
+    why = "CPU provider kernels" if kind == "cpu" else "onnxruntime GPU providers: fp16 kernels, no bf16 IO binding"
+    return chosen, f"{_name(dtype)} -> {_name(chosen)} ({why})"
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -53,7 +74,7 @@ def _shapes(spec: ExportSpec, which: int) -> str:
 
 def provider_options(provider: str, device: torch.device, spec: ExportSpec, dtype: torch.dtype,
                      cache: Path) -> dict[str, Any]:
-    """Options per provider: the TensorRT EP gets the spec's profile, fp16 when the graph is fp16, and engine and
+    """Options per provider: the TensorRT EP gets the spec's profile (pass a narrowed spec, see profiles.py), fp16 when the graph is fp16, and engine and
     timing caches under the artifact store."""
     index = device.index if device.index is not None else 0
     if provider == "TensorrtExecutionProvider":

@@ -5,6 +5,10 @@ built strongly typed. Weakly typed builder flags (FP16, BF16) are deprecated sin
 11, so none are set. FP8 in TensorRT needs explicit quantization (Q/DQ nodes, e.g. from NVIDIA ModelOpt), which this
 exporter does not produce; an fp8 request builds at the half-precision dtype and the report says so.
 
+Each engine is built for one narrow profile (a bucket, see profiles.py: static image size by default, up to 4
+images), never for the family's whole range: TensorRT sizes an execution context's memory for the profile maximum.
+The torch copy of the component is on the host while the builder runs (backend.py), so the builder has the device.
+
 The pure parts (profile shapes, precision plan, cache keys, availability) are importable without tensorrt and
 unit-tested on any machine; building and running are thin calls into tensorrt, on CUDA only.
 """
@@ -22,6 +26,7 @@ from typing import Any
 import torch
 
 from .onnx_export import ExportSpec
+from .profiles import NoExecutionContext
 
 Shape = tuple[int, ...]
 ENGINE_FILE = "engine.plan"
@@ -153,6 +158,21 @@ def _save_timing_cache(data: bytes, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def device_memory(engine: Any) -> int | None:
+    """Bytes an execution context of `engine` needs (for its profile maximum), where this TensorRT says."""
+    for name in ("device_memory_size_v2", "device_memory_size"):
+        value = getattr(engine, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def context_failure(name: str, needed: int | None, free: int) -> str:
+    need = "an unknown amount of" if needed is None else f"{needed / 2**20:.0f} MiB of"
+    return (f"TensorRT could not create an execution context for {name}: it needs {need} device memory for its "
+            f"profile maximum, {free / 2**20:.0f} MiB are free")
+
+
 class TrtRunner:
     """A deserialized engine run on torch's current CUDA stream, reading and writing torch tensors in place."""
 
@@ -165,7 +185,11 @@ class TrtRunner:
             self.engine = self.runtime.deserialize_cuda_engine(engine_path.read_bytes())
         if self.engine is None:
             raise RuntimeError(f"TensorRT could not load {engine_path}")
-        self.context = self.engine.create_execution_context()
+        context = self.engine.create_execution_context()
+        if context is None:  # TensorRT logs the cause and returns None, typically out of device memory
+            raise NoExecutionContext(context_failure(engine_path.parent.name, device_memory(self.engine),
+                                                     torch.cuda.mem_get_info(device)[0]))
+        self.context = context
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
         self.description = f"tensorrt {trt.__version__}"
