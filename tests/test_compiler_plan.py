@@ -204,3 +204,23 @@ def test_recompiles_across_three_resolutions_stay_within_budget():
     assert stats.recompiles <= stats.budget == 8
     assert stats.recompiles == 0, stats.as_dict()  # symbolic sizes: no recompile at all
     assert compile_counters()["unique_graphs"] == graphs
+
+
+def test_scope_enforces_the_budget_on_static_shapes():
+    """With static shapes each new size is a graph; past the plan's recompile_limit new sizes run eagerly (still
+    correct; with fullgraph=True dynamo's own limit would fail hard), compiled sizes keep their graphs, and the
+    per-model stats count what was compiled."""
+    from engine.compiler.compile import CompileStats
+
+    torch._dynamo.reset()
+    p = plan("O2", "cpu", "flux", recompile_limit=2, compile_dynamic=False)
+    assert p.compile_kwargs() == {"fullgraph": True, "dynamic": False}
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU())
+    compiled = torch.compile(model, **p.compile_kwargs())
+    scope = CompiledScope(p, CompileStats(model="toy", budget=p.recompile_limit))
+    for rows in (1, 2, 3, 4, 5, 1):
+        x = torch.randn(rows, 8)
+        with torch.no_grad(), scope():
+            torch.testing.assert_close(compiled(x), model(x))
+    assert scope.stats.jobs == 6 and scope.stats.graphs == 2  # sizes 3, 4, 5 ran eagerly
+    assert scope.stats.recompiles == 1 <= scope.stats.budget and scope.stats.exhausted

@@ -90,7 +90,8 @@ def apply_compile(ctx: PassContext) -> None:
     tune = f"; {plan.autotune_note}" if plan.autotune_note and "needs" in plan.autotune_note else ""
     ctx.report.applied("compile", f"{'; '.join(done)} (dynamic={kwargs['dynamic']}, fullgraph={kwargs['fullgraph']}"
                        f"{', mode=' + kwargs['mode'] if 'mode' in kwargs else ''}); recompile budget "
-                       f"{plan.recompile_limit} graphs per function{flags}{tune}; cache {cache}")
+                       f"{plan.recompile_limit} (jobs that may compile; later new shapes run eagerly){flags}{tune}; "
+                       f"cache {cache}")
 
 
 @dataclass
@@ -100,24 +101,30 @@ class CompileStats:
     model's calls: exact while one job runs at a time in the process (the engine's device lock)."""
 
     model: str
-    budget: int  # recompile_limit: graphs per compiled function
+    budget: int  # recompile_limit: jobs that may compile (with static shapes: resolutions that get graphs)
     jobs: int = 0
     graphs: int = 0
     first_job_graphs: int = 0
+    compiling_jobs: int = 0  # jobs that compiled at least one graph
 
     @property
     def recompiles(self) -> int:
         return self.graphs - self.first_job_graphs
 
+    @property
+    def exhausted(self) -> bool:
+        return self.compiling_jobs >= self.budget
+
     def record(self, new_graphs: int) -> None:
         self.jobs += 1
         self.graphs += new_graphs
+        self.compiling_jobs += new_graphs > 0
         if self.jobs == 1:
             self.first_job_graphs = new_graphs
 
     def as_dict(self) -> dict[str, int | str]:
         return {"model": self.model, "budget": self.budget, "jobs": self.jobs, "graphs": self.graphs,
-                "recompiles": self.recompiles}
+                "recompiles": self.recompiles, "compiling_jobs": self.compiling_jobs}
 
 
 class CompiledScope:
@@ -125,7 +132,10 @@ class CompiledScope:
 
     - duck shaping off: dynamo would otherwise merge sizes that happen to be equal on the first call (e.g. 16 image
       tokens and a head dim of 16) and recompile when a new resolution separates them;
-    - the recompile budget (`torch._dynamo.config.recompile_limit`): past it, a function runs eagerly;
+    - the recompile budget: once `recompile_limit` jobs have compiled, new shapes run eagerly (compiled code still
+      serves the shapes it was compiled for: `torch.compiler.set_stance("eager_on_recompile")`); dynamo's own
+      `recompile_limit` (per function) is set to the same number as a backstop. Past dynamo's limit a fullgraph
+      function fails hard instead of running eagerly, which the stance prevents;
     - on CUDA, the plan's inductor flags (flux-fast's recipe).
     Compilation is lazy (on the first call), so this must wrap the calls, not the `compile()`."""
 
@@ -143,6 +153,8 @@ class CompiledScope:
         with contextlib.ExitStack() as stack:
             stack.enter_context(fx_config.patch(use_duck_shape=False))
             stack.enter_context(dynamo_config.patch(recompile_limit=self.plan.recompile_limit))
+            if self.stats.exhausted:
+                stack.enter_context(torch.compiler.set_stance("eager_on_recompile"))
             if self.plan.inductor_flags:
                 import torch._inductor.config as inductor_config
 
