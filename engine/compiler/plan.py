@@ -20,6 +20,7 @@ The rules, each a table below:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Mapping
 
@@ -70,7 +71,9 @@ def backend_available(name: str) -> tuple[bool, str]:
     return True, ""
 
 
+@functools.lru_cache(maxsize=None)
 def installed_attention_backends(names: tuple[str, ...] | None = None) -> frozenset[str]:
+    """The diffusers attention backends whose packages are installed (probed once per process)."""
     from typing import get_args
 
     from .config import Attention
