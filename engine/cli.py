@@ -1,4 +1,4 @@
-"""Command line: `engine generate | upscale | models | schedulers | serve | bench`."""
+"""Command line: `engine generate | upscale | models | schedulers | plan | serve | bench`."""
 
 from __future__ import annotations
 
@@ -88,6 +88,38 @@ def cmd_schedulers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print the memory plan a model gets (no weight is read), or the table of plans on common cards."""
+    from .runtime import memory
+
+    if args.table:
+        models = args.model.split(",") if args.model else list(memory.TABLE_MODELS)
+        rows = memory.plan_table(models, dtype=args.dtype, allow_lossy=args.allow_lossy)
+        text = memory.markdown_table(rows)
+        if args.out:
+            command = "engine plan --table" + (f" --model {args.model}" if args.model else "") + (
+                f" --dtype {args.dtype}" if args.dtype != "bf16" else "") + (" --allow-lossy" if args.allow_lossy else "")
+            header = (f"`{command} --out {args.out}`\n\n"
+                      "Which memory plan each model gets on common cards (`--max-memory <N>GB`, 10^9 bytes, at the "
+                      f"model's default size, {args.dtype}, one image), with the expected device peak. Estimates from "
+                      "the shipped configs on the meta device; host RAM is not limited here.\n\n")
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(header + text + "\n", encoding="utf-8")
+        print(text)
+        return 0
+    if not args.model:
+        print("error: --model is required (or --table)", file=sys.stderr)
+        return 2
+    plan = memory.plan_for_model(args.model, max_memory=args.max_memory, device=args.device, width=args.width,
+                                 height=args.height, num_images=args.num_images, dtype=args.dtype,
+                                 allow_lossy=args.allow_lossy, max_host_memory=args.host_memory)
+    if args.json:
+        print(json.dumps(plan.as_dict(), indent=2))
+    else:
+        print("\n".join(plan.describe()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engine", description="Local inference engine for diffusion image models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +166,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     scheds = sub.add_parser("schedulers", help="list scheduler presets and the families they fit")
     scheds.set_defaults(func=cmd_schedulers)
+
+    plan = sub.add_parser("plan", help="memory plan for a model on a device budget (no weights loaded)")
+    plan.add_argument("--model", help="registry id or diffusers folder (with --table: comma-separated ids)")
+    plan.add_argument("--max-memory", help="device budget, e.g. 24GB (10^9 bytes), 24GiB, 12000MB; default: free memory")
+    plan.add_argument("--host-memory", help="host RAM budget for offloaded weights (default: unlimited with "
+                      "--max-memory, available RAM otherwise)")
+    plan.add_argument("--device", default="cuda", help="device kind the plan is for (cuda, mps, cpu)")
+    plan.add_argument("--width", type=int)
+    plan.add_argument("--height", type=int)
+    plan.add_argument("--num-images", type=int, default=1)
+    plan.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    plan.add_argument("--allow-lossy", action="store_true", help="allow fp8 / int8 / nf4 weight storage")
+    plan.add_argument("--json", action="store_true")
+    plan.add_argument("--table", action="store_true", help="markdown table: sd15/sdxl/flux x 8-80 GB cards")
+    plan.add_argument("--out", help="with --table: also write the table (and the command) to this file")
+    plan.set_defaults(func=cmd_plan)
 
     from .bench.cli import add_bench_parser
     from .server.cli import add_serve_parser

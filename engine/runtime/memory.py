@@ -350,7 +350,11 @@ def tiny_counts(name: str) -> tuple[tuple[str, ComponentCounts], ...]:
 
     with init_empty_weights(include_buffers=False):
         parts = build_tiny_components(name)
-    return tuple((k, count_module(v)) for k, v in parts.items() if isinstance(v, torch.nn.Module))
+    modules = {k: v for k, v in parts.items() if isinstance(v, torch.nn.Module)}
+    for module in modules.values():
+        if getattr(module, "_tied_weights_keys", None) and hasattr(module, "tie_weights"):
+            module.tie_weights()  # as the loaders do: on meta, T5's embed_tokens -> shared is not tied yet
+    return tuple((k, count_module(v)) for k, v in modules.items())
 
 
 @functools.lru_cache(maxsize=8)
@@ -523,7 +527,7 @@ def estimate_activations(sizes: ModelSizes, request: PlanRequest, *, tiling: boo
     if not request.flash_attention and spec.attn_heads:
         attn_tokens = pixels / spec.attn_stride**2 + (text if spec.text_tokens else 0)
         denoise += 2 * spec.attn_heads * attn_tokens**2 * den_bytes
-    denoise *= batch if family.task == "text-to-image" else min(request.num_images, 32)
+    denoise *= batch
 
     encoders = sizes.by_role("text_encoder")
     enc_bytes = max((_bytes_of(c.dtype) for c in encoders), default=2)
@@ -664,7 +668,7 @@ class MemoryPlan:
                          f"{'/' + c.storage if c.storage != 'compute' else ''} {format_bytes(c.bytes)}, "
                          f"{c.placement} (on device at most {format_bytes(c.device_bytes)})")
         vae = [n for n, on in (("tiling", self.vae_tiling), ("slicing", self.vae_slicing)) if on]
-        lines.append(f"  vae: {' + '.join(vae) if vae else 'full decode (no tiling, no slicing)'}")
+        lines.append(f"  vae decode: {' + '.join(vae) if vae else 'whole images (no tiling, no slicing)'}")
         for r in self.rejected:
             lines.append(f"  rejected {r.rung}: {r.reason}")
         return lines
@@ -678,10 +682,12 @@ class MemoryPlan:
 
 
 def _swap_groups(placement: Placement, sizes: ModelSizes) -> list[list[ComponentSize]]:
+    """Components in pipeline order, grouped by the placement's roles (an upscaler counts as the denoiser)."""
     order = sizes.by_role("text_encoder") + sizes.by_role("denoiser", "upsampler") + sizes.by_role("vae")
     if not placement.groups:
         return [[c] for c in order]
-    groups = [[c for c in order if c.role in roles] for roles in placement.groups]
+    role = lambda c: "denoiser" if c.role == "upsampler" else c.role  # noqa: E731
+    groups = [[c for c in order if role(c) in roles] for roles in placement.groups]
     return [g for g in groups if g]
 
 
@@ -722,7 +728,7 @@ def _evaluate(rung: Rung, sizes: ModelSizes, acts: Activations, budget: MemoryBu
                 placed[c.name] = (f"swap group {i + 1}/{len(groups)}", stored[c.name])
         resident = max((sum(stored[c.name] for c in g) for g in groups if any(c.role != "text_encoder" for c in g)),
                        default=0)  # the denoiser's group stays between requests when prompts hit the cache
-        host = total - min(sum(stored[c.name] for c in g) for g in groups)
+        host = total - min((sum(stored[c.name] for c in g) for g in groups), default=0)
     else:
         prefetch = budget.device_type == "cuda"
         for c in sizes.components:
@@ -762,6 +768,8 @@ def _try(rung: Rung, sizes: ModelSizes, request: PlanRequest, budget: MemoryBudg
     """Evaluate a rung with the VAE options the size asks for, then add slicing and tiling while it does not fit."""
     tiling, slicing = _vae_options(sizes, request)
     options = [(tiling, slicing), (tiling, slicing or request.num_images > 1), (True, slicing or request.num_images > 1)]
+    if not sizes.by_role("vae"):
+        options = [(False, False)]
     result = None
     for t, s in dict.fromkeys(options):
         acts = estimate_activations(sizes, request, tiling=t, slicing=s)
@@ -790,7 +798,7 @@ def plan_memory(sizes: ModelSizes, request: PlanRequest, budget: MemoryBudget, *
     rejected: list[Rejection] = []
     names = [r.name for r in LADDER]
     first = names.index(start) if start is not None else 0
-    smallest: tuple[int, str] | None = None
+    smallest: tuple[int, str, int] | None = None  # (peak, rung, host bytes) of the smallest rejected rung
     for rung in LADDER[first:]:
         why = _allowed(rung, budget, allow_lossy)
         if why is not None:
@@ -802,23 +810,27 @@ def plan_memory(sizes: ModelSizes, request: PlanRequest, budget: MemoryBudget, *
         if reason is not None:
             rejected.append(Rejection(rung.name, ev.peak, ev.host, reason))
             if smallest is None or ev.peak < smallest[0]:
-                smallest = (ev.peak, rung.name)
+                smallest = (ev.peak, rung.name, ev.host)
             continue
         return MemoryPlan(rung=rung.name, placement=rung.placement.kind, storage=rung.storage, lossy=rung.lossy,
                           components=ev.components, weights_bytes=ev.weights, resident_bytes=ev.resident,
                           activation_bytes=ev.activation, peak_bytes=ev.peak, peak_stage=ev.stage,
                           host_bytes=ev.host, budget=budget, vae_tiling=tiling, vae_slicing=slicing,
                           request=request, sizes=sizes, allow_lossy=allow_lossy, rejected=tuple(rejected))
-    needed, rung_name = smallest if smallest is not None else (0, "")
+    needed, rung_name, host = smallest if smallest is not None else (0, "", 0)
+    host_note = ""
+    if budget.host_bytes is not None and budget.device_type != "cpu" and host > budget.host_bytes:
+        host_note = f" and {format_bytes(host)} of host RAM"
     hint = ""
     if not allow_lossy:
-        lossy = [_try(r, sizes, request, budget)[0].peak for r in LADDER
-                 if r.lossy and _allowed(r, budget, True) is None]
-        if lossy and min(lossy) < needed:
-            hint = f"; with lossy storage allowed: {format_bytes(min(lossy))}"
+        for r in LADDER:
+            if r.lossy and _allowed(r, budget, True) is None and _fits(_try(r, sizes, request, budget)[0], budget) is None:
+                hint = f"; with allow_lossy, {r.name} would fit"
+                break
     raise InsufficientMemoryError(
         f"{sizes.model} at {request.describe()}: no memory plan fits {budget.describe()}; the smallest ({rung_name}) "
-        f"needs {format_bytes(needed)}{hint}", needed_bytes=needed, budget_bytes=budget.device_bytes)
+        f"needs {format_bytes(needed)} of device memory{host_note}{hint}", needed_bytes=needed,
+        budget_bytes=budget.device_bytes)
 
 
 def next_plan(plan: MemoryPlan, *, budget: MemoryBudget | None = None) -> MemoryPlan:
@@ -871,8 +883,9 @@ def plan_for_model(model: str, *, max_memory: int | str | None = None, device: t
     spec = find_spec(model)
     d = spec.defaults if spec is not None else None
     if spec is not None and spec.family_spec.task == "upscale":
-        width, height = width or 1024, height or 1024  # input size; the estimate counts its 64x64 tiles
-        num_images = max(num_images, (width // 64) * (height // 64))
+        # AuraSR runs 64x64 input tiles into 256x256 outputs in batches (auto-sized from free memory by its
+        # pipeline): plan one batch of 8 output tiles (its noise chunk), whatever the image size.
+        width, height, num_images = 256, 256, max(num_images, 8)
     width = width or (d.width if d and d.width else 1024)
     height = height or (d.height if d and d.height else 1024)
     if cfg is None and d is not None and d.guidance_scale is not None and d.guidance_scale <= 1.0:
