@@ -4,6 +4,10 @@ hot-swapped on compiled models without recompiling.
 
 Exactness: adapters live in PEFT layers beside the untouched base weights, so "no LoRA" runs the base model
 bit-for-bit; fusing snapshots the base weights it overwrites and restores them on unfuse.
+
+Fused projections: PEFT injects into the separate q/k/v layers, which a model with fused projections (fuse_qkv pass)
+no longer calls, so loading the first adapter splits the fused weights back (`unfuse_qkv`); the model then runs
+unfused. A compiled model gets its slots before compiling (compiler pass lora_slots), already unfused.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import InvalidRequestError, ModelLoadError
+from .families import get_family
 from .loading.stock import build_stock_pipeline
 from .paths import cache_dir, file_sha256
 
@@ -28,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MAX_LORAS = 4
 MAX_LORA_BYTES = 2_000_000_000
+EMPTY = ""  # the content hash of a prepared slot that holds no LoRA yet
 HUB_FILE = re.compile(r"^([\w.-]+/[\w.-]+)(?:/(.+\.safetensors))?$")
 
 
@@ -119,9 +125,12 @@ class LoraManager:
     def __init__(self, family: str, components: dict[str, Any], *, hotswap_rank: int | None, fuse_after: int,
                  max_cached: int = 8):
         self.pipe = build_stock_pipeline(family, components)
-        self.hotswap = hotswap_rank is not None
-        if self.hotswap:
-            self.pipe.enable_lora_hotswap(target_rank=hotswap_rank, check_compiled="warn")
+        self.denoiser = components[get_family(family).denoiser]
+        # Adapters already in the denoiser before any LoRA are the empty slots the lora_slots pass prepared for
+        # compiling; LoRAs are hot-swapped into them.
+        self.prepared = tuple(getattr(self.denoiser, "peft_config", None) or ())
+        self.hotswap = hotswap_rank is not None or bool(self.prepared)
+        self.hotswap_rank = hotswap_rank
         self.fuse_after = fuse_after
         self.max_cached = max_cached
         self.loaded: dict[str, str] = {}  # adapter name -> sha256 of its file
@@ -130,6 +139,9 @@ class LoraManager:
         self.fused = False
         self._snapshot: dict[torch.nn.Parameter, torch.Tensor] = {}
         self.swaps = 0
+        self.recompiling_loads = 0  # adapters a compiled model had to take outside its slots
+        for slot in self.prepared:
+            self.loaded[slot] = EMPTY
 
     # -- public ----------------------------------------------------------------------------------------------------
     def apply(self, loras: list[ResolvedLora]) -> None:
@@ -142,6 +154,8 @@ class LoraManager:
         self._unfuse()
         self.streak = 1
         try:
+            if loras and self._unfuse_projections():
+                log.info("split the fused q/k/v projections back: adapters are injected into them")
             if self.hotswap:
                 self._apply_slots(loras)
             else:
@@ -154,14 +168,34 @@ class LoraManager:
             raise ModelLoadError(f"LoRA could not be applied ({type(e).__name__}: {e})") from e
         self.active = wanted
 
+    def _unfuse_projections(self) -> int:
+        from .compiler.layout import unfuse_qkv  # the compiler imports this module (request schemas)
+
+        return unfuse_qkv(self.denoiser)
+
     def unload(self) -> None:
-        """Remove every adapter: the base model is exactly what it was before any LoRA."""
+        """Remove every adapter: the base model is exactly what it was before any LoRA. Prepared slots stay (a
+        compiled model keeps its code) with zero weights and scale, which adds exactly nothing."""
         self._unfuse()
-        if self.loaded:
+        extra = [n for n in self.loaded if n not in self.prepared]
+        if self.prepared:
+            for name in extra:
+                self.pipe.delete_adapters(name)
+            self._zero_slots()
+        elif self.loaded:
             self.pipe.unload_lora_weights()
-        self.loaded.clear()
+        self.loaded = {slot: EMPTY for slot in self.prepared}
         self.active = ()
         self.streak = 0
+
+    def _zero_slots(self) -> None:
+        with torch.no_grad():
+            for layer in self._lora_layers():
+                for slot in self.prepared:
+                    if slot in layer.lora_B:
+                        layer.lora_B[slot].weight.zero_()
+                    if isinstance(layer.scaling.get(slot), torch.Tensor):
+                        layer.scaling[slot].fill_(0.0)
 
     # -- named adapters (eager models): cached, selected with set_adapters ------------------------------------------
     def _name(self, sha: str) -> str:
@@ -206,14 +240,45 @@ class LoraManager:
             slot = f"slot{i}"
             if self.loaded.get(slot) == lora.sha256:
                 continue
-            existed = slot in self.loaded
-            self._load(lora, slot, i, hotswap=existed)
-            self.swaps += existed
+            if slot in self.loaded:
+                try:
+                    self._load(lora, slot, i, hotswap=True)
+                    self.swaps += 1
+                    continue
+                except InvalidRequestError as e:
+                    # The slot cannot take it (layers outside the slot, a rank above it, other alphas): load it
+                    # afresh in the slot's place; correct, but the compiled code recompiles once.
+                    log.warning("LoRA %s cannot be hot-swapped into %s (%s); loading it afresh (recompiles)",
+                                lora.file.name, slot, e)
+                    self.pipe.delete_adapters(slot)
+                    del self.loaded[slot]
+            self._load_new_slot(lora, slot, i)
         slots = sorted(self.loaded)
         if not slots:
             return
         scales = {f"slot{i}": lo.scale for i, lo in enumerate(loras)}
         self._set_slot_scales(slots, [scales.get(s, 0.0) for s in slots])
+
+    def _load_new_slot(self, lora: ResolvedLora, slot: str, index: int) -> None:
+        """An adapter in a slot that did not exist: padded to the hot-swap rank with its scaling in a tensor, so
+        later swaps into it do not recompile (this load does)."""
+        padded = self.hotswap_rank is not None and hasattr(self.denoiser, "enable_lora_hotswap")
+        if padded:
+            self.denoiser.enable_lora_hotswap(target_rank=self.hotswap_rank, check_compiled="ignore")
+        try:
+            self._load(lora, slot, index)
+        except InvalidRequestError:
+            if not padded:
+                raise
+            # e.g. a rank above the hot-swap rank: take it unpadded (later swaps into this slot reload it)
+            if slot in self._all_adapters():
+                self.pipe.delete_adapters(slot)
+            self.denoiser._prepare_lora_hotswap_kwargs = None
+            self._load(lora, slot, index)
+        finally:
+            if hasattr(self.denoiser, "_prepare_lora_hotswap_kwargs"):
+                self.denoiser._prepare_lora_hotswap_kwargs = None  # never applies to a later, unrelated load
+        self.recompiling_loads += 1
 
     def _set_slot_scales(self, slots: list[str], weights: list[float]) -> None:
         """`set_adapters`, keeping each layer's scaling the tensor it was made for compiled hot-swapping.
