@@ -105,15 +105,16 @@ def resolutions(model: str, quick: bool) -> list[tuple[int, int]]:
 
 
 def backend_missing(backend: str, device: torch.device) -> str | None:
+    """Why `backend` cannot run here (the case is skipped with it), or None."""
+    from engine.compiler.export import ort, tensorrt
+
     if backend == "torch":
         return None
-    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
-        return "onnxruntime/onnx not installed (pip install 'engine[onnx]')"
+    if importlib.util.find_spec("onnx") is None:
+        return "onnx not installed (pip install 'engine[onnx]')"
     if backend == "tensorrt":
-        from engine.compiler.export.tensorrt import unavailable_reason
-
-        return unavailable_reason(device)
-    return None
+        return tensorrt.unavailable_reason(device)
+    return ort.unavailable_reason(device)
 
 
 @contextlib.contextmanager
@@ -221,7 +222,11 @@ def judge(case: Case) -> None:
 
 
 def plan_cases(models: list[str], cells: list[tuple[str, str]]) -> list[Case]:
-    return [Case(m, level, backend) for m in models for level, backend in cells]
+    """Tiny models first, then small, then real ones; within each group every model's cell before the next cell (so
+    the references come first and a spent budget cuts the slowest cells of the biggest models, not whole levels)."""
+    groups = [[m for m in models if m in TINY], [m for m in models if m in SMALL],
+              [m for m in models if m not in TINY and m not in SMALL]]
+    return [Case(m, level, backend) for group in groups for level, backend in cells for m in group]
 
 
 def table(cases: list[Case]) -> str:
@@ -267,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device here: run with --device cpu --quick", file=sys.stderr)
         return 2
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     if args.quick:
         cases = [Case(*c) for c in QUICK if not args.models or c[0] in args.models]
     else:
@@ -301,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         except CaseTimeout as e:
             case.status, case.reason = "timeout", str(e)
         except Exception as e:  # noqa: BLE001 - a crash is a result here
-            case.status, case.reason = "crashed", f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            case.status, case.reason = "crashed", f"{type(e).__name__}: {first}"
             case.report.append({"name": "traceback", "status": "", "detail": traceback.format_exc()[-4000:]})
         print(f"  {case.status} {case.reason}", flush=True)
 

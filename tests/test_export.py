@@ -359,6 +359,14 @@ def test_tensorrt_availability_reasons():
     assert tensorrt.unavailable_reason(CPU) == "no CUDA device (device is cpu)"
 
 
+def test_onnxruntime_needs_a_gpu_provider_on_cuda():
+    cuda = torch.device("cuda", 0)
+    assert ort.unavailable_reason(CPU) is None
+    assert ort.unavailable_reason(cuda, ["CUDAExecutionProvider", "CPUExecutionProvider"]) is None
+    why = ort.unavailable_reason(cuda, ["AzureExecutionProvider", "CPUExecutionProvider"])
+    assert "no GPU provider" in why and "onnxruntime-gpu" in why
+
+
 def test_onnxruntime_provider_choice():
     everything = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     cuda = torch.device("cuda", 0)

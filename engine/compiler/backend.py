@@ -113,7 +113,7 @@ def _unavailable(name: str, device: torch.device) -> str | None:
     if name == "tensorrt":
         why = tensorrt.unavailable_reason(device)
     else:
-        why = None if ort.installed() else "package not installed (pip install 'engine[onnx]')"
+        why = ort.unavailable_reason(device)
     if why is None and importlib.util.find_spec("onnx") is None:  # both backends start from the ONNX export
         why = "package onnx not installed (pip install 'engine[onnx]')"
     return why

@@ -24,6 +24,26 @@ def installed() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
 
 
+def available_providers() -> list[str]:
+    import onnxruntime
+
+    return list(onnxruntime.get_available_providers())
+
+
+def unavailable_reason(device: torch.device, available: list[str] | None = None) -> str | None:
+    """Why onnxruntime cannot run the graphs on `device`, or None. On CUDA it needs a GPU provider: the CPU-only
+    build would be handed CUDA tensors (the plain `onnxruntime` wheel; `onnxruntime-gpu` has the CUDA provider)."""
+    if not installed():
+        return "package not installed (pip install 'engine[onnx]')"
+    if device.type != "cuda":
+        return None
+    available = available_providers() if available is None else available
+    if not any(p in available for p in GPU_PROVIDERS):
+        return (f"this onnxruntime build has no GPU provider ({', '.join(available)}); pip install onnxruntime-gpu "
+                "for CUDA")
+    return None
+
+
 def provider_order(device: torch.device, available: list[str]) -> list[str]:
     """Providers to ask for, best first: GPU providers only for a CUDA device, the CPU provider always last."""
     wanted = [p for p in GPU_PROVIDERS if p in available] if device.type == "cuda" else []
@@ -74,8 +94,8 @@ def _shapes(spec: ExportSpec, which: int) -> str:
 
 def provider_options(provider: str, device: torch.device, spec: ExportSpec, dtype: torch.dtype,
                      cache: Path) -> dict[str, Any]:
-    """Options per provider: the TensorRT EP gets the spec's profile (pass a narrowed spec, see profiles.py), fp16 when the graph is fp16, and engine and
-    timing caches under the artifact store."""
+    """Options per provider: the TensorRT EP gets the spec's profile (pass a narrowed spec, see profiles.py), fp16
+    when the graph is fp16, and engine and timing caches under the artifact store."""
     index = device.index if device.index is not None else 0
     if provider == "TensorrtExecutionProvider":
         return {"device_id": index, "trt_fp16_enable": dtype == torch.float16,

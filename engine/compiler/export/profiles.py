@@ -48,8 +48,10 @@ class ProfilePolicy:
 
 
 # Native TensorRT: static image size (NVIDIA's default), up to 4 images per engine (8 on request), three engines per
-# component at most. The onnxruntime TensorRT provider takes a single dynamic profile from the same table (it builds
-# its engines itself); the CPU and CUDA providers need no profile (they size memory per call).
+# component at most (each engine holds its own copy of the weights on the device besides its activation memory; a
+# build or load that finds no room drops the least recently used engine and retries once). The onnxruntime TensorRT
+# provider takes a single dynamic profile from the same table (it builds its engines itself); the CPU and CUDA
+# providers need no profile (they size memory per call).
 POLICIES: dict[str, ProfilePolicy] = {
     "tensorrt": ProfilePolicy("static", images=(4, 8), size_buckets=((64, 512), (512, 1536), (1536, 2048),
                                                                       (2048, 4096)), max_engines=3, on_miss="build"),
@@ -208,9 +210,13 @@ def _inside(bucket: Bucket, name: str, size: int) -> bool:
     return lo <= size <= hi
 
 
-class NoExecutionContext(RuntimeError):
-    """An engine was built or loaded but no execution context could be created for it (its device memory, sized
-    for the profile maximum, is not free)."""
+class DeviceMemoryError(RuntimeError):
+    """An engine could not be loaded onto the device (its weights), or had no room to run."""
+
+
+class NoExecutionContext(DeviceMemoryError):
+    """An engine was loaded but no execution context could be created for it (its device memory, sized for the
+    profile maximum, is not free)."""
 
 
 class BucketedRunner:
@@ -240,7 +246,7 @@ class BucketedRunner:
             self._evict()
         try:
             runner = self._build(bucket)
-        except NoExecutionContext:
+        except DeviceMemoryError:
             if not self.engines:
                 raise
             self._evict()  # one more engine's memory back, then one retry
@@ -272,6 +278,5 @@ class BucketedRunner:
         self.runner_for(axis_sizes(self.spec, inputs))(inputs, output)
 
 
-__all__ = ["POLICIES", "Bucket", "BucketPlan", "BucketedRunner", "NoExecutionContext", "OutsideProfileError",
-           "ProfilePolicy",
-           "axis_sizes", "narrow"]
+__all__ = ["POLICIES", "Bucket", "BucketPlan", "BucketedRunner", "DeviceMemoryError", "NoExecutionContext",
+           "OutsideProfileError", "ProfilePolicy", "axis_sizes", "narrow"]

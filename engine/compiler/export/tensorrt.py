@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .onnx_export import ExportSpec
-from .profiles import NoExecutionContext
+from .profiles import DeviceMemoryError, NoExecutionContext
 
 Shape = tuple[int, ...]
 ENGINE_FILE = "engine.plan"
@@ -183,8 +183,9 @@ class TrtRunner:
         self.runtime = trt.Runtime(_logger())
         with torch.cuda.device(device):
             self.engine = self.runtime.deserialize_cuda_engine(engine_path.read_bytes())
-        if self.engine is None:
-            raise RuntimeError(f"TensorRT could not load {engine_path}")
+        if self.engine is None:  # out of device memory for the weights, or an engine of another TensorRT / GPU
+            raise DeviceMemoryError(f"TensorRT could not load {engine_path.parent.name} "
+                                    f"({torch.cuda.mem_get_info(device)[0] / 2**20:.0f} MiB free)")
         context = self.engine.create_execution_context()
         if context is None:  # TensorRT logs the cause and returns None, typically out of device memory
             raise NoExecutionContext(context_failure(engine_path.parent.name, device_memory(self.engine),
