@@ -402,7 +402,8 @@ def test_tensorrt_static_buckets_for_simulated_requests():
     plan = BucketPlan.create(POLICIES["tensorrt"], wide, rows_per_image=2)
     first = plan.initial()  # native size, up to 4 images with guidance
     assert first.bounds == {"batch": (1, 2, 8), "latent_height": (128, 128, 128), "latent_width": (128, 128, 128),
-                            "text_len": (77, 77, 77)}
+                            "text_len": (1, 77, 77)}  # the prompt axis keeps the graph's range
+    assert first.static
     assert tensorrt.profile_shapes(narrow(wide, first))["sample"] == ((1, 4, 128, 128), (2, 4, 128, 128),
                                                                       (8, 4, 128, 128))
     portrait = plan.bucket_for({"batch": 2, "latent_height": 1344 // 8, "latent_width": 768 // 8, "text_len": 77})
@@ -414,6 +415,21 @@ def test_tensorrt_static_buckets_for_simulated_requests():
     keys = {tensorrt.engine_key(onnx_key="onnx-unet-x", spec=narrow(wide, b), precision="bf16", trt_version="10",
                                 device_tag="cuda-H100") for b in (first, portrait)}
     assert len(keys) == 2  # one engine per bucket, each keyed by its own profile
+
+
+def test_flux_static_buckets_pin_the_image_tokens_not_the_prompt_length():
+    from engine.compiler.export.profiles import POLICIES, BucketPlan
+    from engine.compiler.export.specs import denoiser_spec
+
+    loaded = load_model("tiny-flux")
+    wide = denoiser_spec("transformer", loaded.components["transformer"], loaded.components,
+                         SizeProfile(64, 1024, 4096, 8, False))
+    plan = BucketPlan.create(POLICIES["tensorrt"], wide, rows_per_image=1)
+    first = plan.initial()
+    assert first.bounds["image_tokens"] == (64 * 64,) * 3 and first.bounds["batch"] == (1, 1, 4)
+    assert first.bounds["text_len"] == (1, 512, 512)
+    assert first.contains({"batch": 1, "image_tokens": 4096, "text_len": 256})  # schnell's default prompt length
+    assert not first.contains({"batch": 1, "image_tokens": 48 * 64, "text_len": 256})
 
 
 def test_dynamic_buckets_are_narrow_pixel_ranges():

@@ -45,6 +45,9 @@ class ProfilePolicy:
     size_buckets: tuple[tuple[int, int], ...]  # "dynamic": pixel ranges (both sides), narrowest first
     max_engines: int  # per component; each one holds device memory for its profile maximum
     on_miss: Literal["build", "error"]
+    # "static": the axes pinned to the size a request asks for (the image); the others keep the graph's range (the
+    # prompt length: CLIP pads to 77 anyway, and a FLUX model's default max_sequence_length is not known here)
+    static_axes: tuple[str, ...] = ("latent_height", "latent_width", "image_tokens")
 
 
 # Native TensorRT: static image size (NVIDIA's default), up to 4 images per engine (8 on request), three engines per
@@ -84,7 +87,7 @@ class Bucket:
 
     @property
     def static(self) -> bool:
-        return all(lo == hi for name, (lo, _, hi) in self.axes if name != "batch")
+        return all(lo == hi for name, (lo, _, hi) in self.axes if name not in ("batch", "text_len"))
 
     def describe(self) -> str:
         return ", ".join(f"{n}={lo}" if lo == hi else f"{n}={lo}..{hi}" for n, (lo, _, hi) in self.axes)
@@ -167,8 +170,10 @@ class BucketPlan:
                 if batch is None:
                     return None
                 bounds[name] = batch
-            else:
+            elif name in self.policy.static_axes:
                 bounds[name] = (size, size, size)
+            else:
+                bounds[name] = (d.min, d.opt, d.max)
         return Bucket.of(bounds)
 
     def outside_axis(self, sizes: dict[str, int]) -> str:
