@@ -340,6 +340,11 @@ def test_tensorrt_precision_plans():
     assert tensorrt.precision_for(torch.bfloat16, "none") == "bf16"
     assert tensorrt.precision_for(torch.float16, "fp8") == "fp8"
     assert tensorrt.precision_for(torch.float32, "int8_weight_only") == "fp32"
+    # bf16 graphs with convolutions do not pass ONNX's checker at our opset: fp16, or fp32 where fp16 overflows
+    assert tensorrt.graph_precision("bf16", convolutions=False, fp16_ok=True) == ("bf16", "")
+    assert tensorrt.graph_precision("bf16", convolutions=True, fp16_ok=True)[0] == "fp16"
+    assert tensorrt.graph_precision("bf16", convolutions=True, fp16_ok=False)[0] == "fp32"
+    assert tensorrt.graph_precision("fp16", convolutions=True, fp16_ok=False) == ("fp16", "")
 
 
 def test_tensorrt_engine_keys():
@@ -599,6 +604,42 @@ def test_tensorrt_report_names_the_bucket_and_later_sizes_build(monkeypatch):
     assert built == ["unet", "vae_decoder"] * 2
     eng.generate(model="tiny-sdxl", **KW)
     assert len(built) == 4
+
+
+def test_tensorrt_precision_per_component_of_a_bf16_model(monkeypatch):
+    """bf16 model, TensorRT faked where it needs a GPU: the UNet (convolutions) builds fp16, the VAE (force_upcast)
+    fp32, FLUX's transformer (no convolution) bf16; the engines are built from graphs exported in those dtypes."""
+    exported = []
+
+    def fake_build(onnx_path, spec, plan, out, timing, device):
+        import onnx
+
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+        exported.append((spec.component, plan.precision, graph.input[0].type.tensor_type.elem_type))
+        (out / tensorrt.ENGINE_FILE).write_bytes(b"engine")
+        return {}
+
+    class Zeros:
+        description = "tensorrt fake"
+
+        def __init__(self, path, device):
+            pass
+
+    monkeypatch.setattr(tensorrt, "unavailable_reason", lambda device: None)
+    monkeypatch.setattr(tensorrt, "version", lambda: f"fake-{os.getpid()}-{time.monotonic_ns()}")
+    monkeypatch.setattr(tensorrt, "build_engine", fake_build)
+    monkeypatch.setattr(tensorrt, "TrtRunner", Zeros)
+    import onnx
+
+    for model in ("tiny-sdxl", "tiny-flux"):
+        loaded = load_model(model)
+        report, _ = optimize(loaded.components, loaded.family, CPU, CompileConfig(backend="tensorrt", dtype="bf16"))
+        assert report.status("backend") == "applied", backend_details(report)
+    fp16, fp32, bf16 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT, onnx.TensorProto.BFLOAT16
+    force_upcast = load_model("tiny-sdxl").components["vae"].config.force_upcast
+    vae = ("fp32", fp32) if force_upcast else ("fp16", fp16)
+    assert exported == [("unet", "fp16", fp16), ("vae_decoder", *vae), ("transformer", "bf16", bf16),
+                        ("vae_decoder", *vae)]
 
 
 def test_onnxruntime_precision_per_provider_and_dtype():

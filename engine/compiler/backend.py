@@ -48,6 +48,7 @@ CHAINS = {"tensorrt": ("tensorrt", "onnxruntime"), "onnxruntime": ("onnxruntime"
 WRAPPERS: dict[str, type[ExportedModule]] = {"unet": ExportedUNet, "transformer": ExportedFluxTransformer,
                                              "vae": ExportedVaeDecoder}
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+CONVOLUTIONS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose2d)
 
 
 @dataclass(frozen=True)
@@ -287,8 +288,11 @@ def _build_onnxruntime(ctx: PassContext, target: Target) -> tuple[Runner, torch.
 def _build_tensorrt(ctx: PassContext, target: Target) -> tuple[Runner, torch.dtype, str]:
     """A bucketed runner over narrow engines; the engine of the family's native size is built now (so a failure
     falls back at load, not in a request), others on the first request that needs them."""
-    half = tensorrt.precision_for(target.dtype, "none")
+    convolutions = any(isinstance(m, CONVOLUTIONS) for m in target.module.modules())
+    half, cast = tensorrt.graph_precision(tensorrt.precision_for(target.dtype, "none"), convolutions=convolutions,
+                                          fp16_ok=ort.fp16_safe(target.name, target.module.config))
     precision = tensorrt.precision_for(target.dtype, ctx.config.quant if target.denoiser else "none")
+    precision = precision if precision == "fp8" else half
     plan = tensorrt.precision_plan(precision, half=half)
     onnx_art, okey = onnx_artifact(ctx, target, plan.export_dtype)
     version, tag = tensorrt.version(), device_tag(ctx.device)
@@ -313,7 +317,7 @@ def _build_tensorrt(ctx: PassContext, target: Target) -> tuple[Runner, torch.dty
     later = ("other sizes build an engine on first use" if policy.on_miss == "build"
              else "other sizes are refused (422)")
     profile = (f"{policy.shapes} profile {first.describe()}; {later}, at most {policy.max_engines} kept")
-    notes = "; ".join(n for n in (plan.note, profile, origins[0], _origin(onnx_art)) if n)
+    notes = "; ".join(n for n in (cast, plan.note, profile, origins[0], _origin(onnx_art)) if n)
     return runner, plan.export_dtype, f"{engine.description} {DTYPE_NAMES[plan.export_dtype]} ({notes})"
 
 

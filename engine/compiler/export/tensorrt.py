@@ -64,6 +64,19 @@ def precision_plan(precision: str, half: str = "fp16") -> PrecisionPlan:
     return PrecisionPlan(precision, _EXPORT_DTYPES[precision], ("STRONGLY_TYPED",), ())
 
 
+def graph_precision(precision: str, *, convolutions: bool, fp16_ok: bool) -> tuple[str, str]:
+    """The precision the exported graph can carry, and a note when it is not `precision`. A bf16 graph with
+    convolutions fails ONNX's checker (Conv takes bf16 only from opset 22; the exporter writes opset 17), so UNets and
+    VAEs build fp16, as NVIDIA's diffusion demo does, or fp32 where fp16 overflows; FLUX's transformer (no
+    convolution) stays bf16."""
+    if precision != "bf16" or not convolutions:
+        return precision, ""
+    why = "ONNX Conv takes no bf16 before opset 22"
+    if fp16_ok:
+        return "fp16", f"bf16 -> fp16 ({why})"
+    return "fp32", f"bf16 -> fp32 ({why}; overflows in fp16: force_upcast)"
+
+
 def precision_for(dtype: torch.dtype, quant: str) -> str:
     """The precision a config asks for: fp8 when quant says so, else the compute dtype the dtype pass chose."""
     if quant == "fp8":
