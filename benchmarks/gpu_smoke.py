@@ -15,8 +15,9 @@ resolutions and the LoRA swap: recompiles), peak torch memory on CUDA, whether C
 optimization report), times. Thresholds per level are in THRESHOLDS_DB; a LoRA that leaves the image unchanged
 (PSNR on vs off above LORA_NO_EFFECT_DB) is a quality failure too (it is how LoRAs get silently dropped).
 
-Time boxes: each case has --case-timeout-s (an alarm interrupts it), and no case starts after --budget-s; cases
-not started are recorded as skipped with the reason. Backends that are not installed are skipped with the reason.
+Time boxes: each case has --case-timeout-s (twice that for TensorRT, which builds an engine per size; an alarm
+interrupts the case when Python next runs, so a long native call finishes first), and no case starts after
+--budget-s; cases not started are recorded as skipped with the reason. Backends that are not installed are skipped with the reason.
 Peak memory is torch's allocator only (onnxruntime's and TensorRT's own allocations are not in it).
 """
 
@@ -295,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"[{time.perf_counter() - started:6.1f} s] {case.model} {case.level} {case.backend}", flush=True)
         try:
-            with alarm(min(args.case_timeout_s, remaining + 15)):
+            limit = args.case_timeout_s * (2 if case.backend == "tensorrt" else 1)  # engines build per size
+            with alarm(min(limit, remaining + 15)):
                 if case.model not in loras:
                     try:
                         loras[case.model] = random_lora(case.model, scratch / f"{case.model}.safetensors")
