@@ -124,14 +124,16 @@ class Engine(FalMixin):
     def __init__(self, device: str | torch.device = "auto", *, opt_level: str | None = None,
                  compile_config: CompileConfig | dict[str, Any] | None = None, allow_pickle: bool = False,
                  allow_private_urls: bool = False, max_memory: int | str | None = None,
-                 max_loaded_models: int | None = None, allow_lossy_memory: bool = False):
+                 max_loaded_models: int | None = None, allow_lossy_memory: bool = False,
+                 memory_plan: str | None = None):
         """`opt_level` O0..O3 (configs/opt_levels.yaml); default O2 on CUDA, O0 (stock fp32) elsewhere.
         `compile_config` overrides fields of the level (a dict) or replaces it (a CompileConfig).
 
         Memory: each model gets the richest placement that fits the device budget (`max_memory`, e.g. "24GB", or
         the free device memory): resident, text encoders offloaded, model or group offload, and with
         `allow_lossy_memory` fp8 or quantized weight storage. Loaded models are evicted least-recently-used when a
-        new one does not fit beside them, or when more than `max_loaded_models` would be loaded."""
+        new one does not fit beside them, or when more than `max_loaded_models` would be loaded. `memory_plan`
+        forces one rung of the ladder (e.g. "model_offload"; `engine plan` lists them)."""
         if max_loaded_models is not None and max_loaded_models < 1:
             raise InvalidRequestError("max_loaded_models", "must be at least 1", ">= 1", max_loaded_models)
         self.device = resolve_device(device)
@@ -139,7 +141,7 @@ class Engine(FalMixin):
         self.compile_config = resolve_config(self.opt_level, compile_config, self.opt_level)
         self.allow_pickle = allow_pickle
         self.allow_private_urls = allow_private_urls  # for URLs in requests (LoRAs, images): SSRF guard
-        self._planner = Planner(self.device, max_memory, allow_lossy=allow_lossy_memory)
+        self._planner = Planner(self.device, max_memory, allow_lossy=allow_lossy_memory, memory_plan=memory_plan)
         self.max_loaded_models = max_loaded_models
         self._slots: dict[str, _Slot] = {}
         self._upscalers: dict[str, _UpscaleSlot] = {}
@@ -287,7 +289,14 @@ class Engine(FalMixin):
 
     def _run(self, slot: _Slot, loras: list[Any], params: GenerationParams,
              step_callback: StepCallback | None) -> Any:
+        family = slot.loaded.family
+        cfg = ((family.uses_negative_prompt and params.guidance_scale > 1.0)
+               or (params.true_cfg_scale > 1.0 and params.negative_prompt is not None))
+        plan, warning = self._planner.for_request(slot.plan, params.width, params.height, params.num_images, cfg)
+        if warning:
+            log.warning("%s", warning)
         with self._run_lock:
+            self._planner.set_vae_options(slot.loaded.components, plan)
             if loras or slot.loras is not None:
                 slot.lora_manager().apply(loras)
             return slot.pipeline(params, step_callback=step_callback)

@@ -10,9 +10,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch
+
+from ..errors import InsufficientMemoryError, InvalidRequestError
+from . import memory, placement
 
 log = logging.getLogger(__name__)
 
@@ -33,43 +37,135 @@ def free_device_memory(device: torch.device) -> None:
         torch.mps.empty_cache()
 
 
+def force_plan(sizes: memory.ModelSizes, request: memory.PlanRequest, budget: memory.MemoryBudget,
+               rung_name: str) -> memory.MemoryPlan:
+    """The plan of one named rung, whether or not the ladder would pick it (offload hooks also run with the CPU as
+    the onload device, which is how they are tested without a GPU); the rungs above it are listed as passed over."""
+    rung = memory.RUNGS[rung_name]
+    ev, tiling, slicing, _ = memory._try(rung, sizes, request, budget)
+    above = [r.name for r in memory.LADDER[:memory.LADDER.index(rung)]]
+    return memory.MemoryPlan(rung=rung.name, placement=rung.placement.kind, storage=rung.storage, lossy=rung.lossy,
+                             components=ev.components, weights_bytes=ev.weights, resident_bytes=ev.resident,
+                             activation_bytes=ev.activation, peak_bytes=ev.peak, peak_stage=ev.stage,
+                             host_bytes=ev.host, budget=budget, vae_tiling=tiling, vae_slicing=slicing,
+                             request=request, sizes=sizes, allow_lossy=rung.lossy,
+                             rejected=tuple(memory.Rejection(n, 0, 0, "passed over: memory_plan forces "
+                                                             f"{rung.name}") for n in above))
+
+
 class Planner:
-    """Plans and places models for one engine (device + budget). Until a model can be sized, it is resident."""
+    """Plans and places the models of one engine (one device, one budget).
 
-    def __init__(self, device: torch.device, max_memory: int | str | None = None, *, allow_lossy: bool = False):
+    A model is planned before its weights are read, from its configs (`memory.size_model`) in the dtypes it will be
+    loaded in, for its default request size; a model that only its weights can describe (a single file) is sized
+    once loaded. `memory_plan` forces a rung (a user who knows better, or a test of the offload hooks on the CPU,
+    where the automatic choice is always resident).
+    """
+
+    def __init__(self, device: torch.device, max_memory: int | str | None = None, *, allow_lossy: bool = False,
+                 memory_plan: str | None = None):
+        if memory_plan is not None and memory_plan not in memory.RUNGS:
+            raise InvalidRequestError("memory_plan", f"unknown plan {memory_plan!r}", ", ".join(memory.RUNGS))
+        if memory_plan is not None and memory.RUNGS[memory_plan].lossy and not allow_lossy:
+            raise InvalidRequestError("memory_plan", f"{memory_plan} stores weights lossily; pass allow_lossy_memory")
         self.device = device
-        self.max_memory = max_memory
+        self.max_memory = memory.parse_memory(max_memory) if max_memory is not None else None
         self.allow_lossy = allow_lossy
+        self.forced = memory_plan
 
-    def plan_before_load(self, model: str, single_file_config: str | None, policy: Any) -> Any:
-        return None
+    # -- choosing -------------------------------------------------------------------------------------------------
+    def budget(self) -> memory.MemoryBudget:
+        return memory.detect_budget(self.device, self.max_memory)
 
-    def plan_loaded(self, loaded: Any, policy: Any) -> Any:
-        return "resident"
+    def _request(self, model: str, family: str) -> memory.PlanRequest:
+        from ..families import get_family
+        from ..registry import find_spec
 
-    def places_before_passes(self, plan: Any) -> bool:
-        return True
+        spec = find_spec(model)
+        d = spec.defaults if spec is not None else None
+        fam = get_family(family)
+        width = (d.width if d and d.width else None) or (1024 if fam.max_size >= 4096 else 512)
+        height = (d.height if d and d.height else None) or width
+        cfg = None if d is None or d.guidance_scale is None else (fam.uses_negative_prompt and d.guidance_scale > 1)
+        return memory.PlanRequest(width, height, 1, cfg=cfg, flash_attention=self.device.type == "cuda",
+                                  max_sequence_length=d.max_sequence_length if d else None)
 
-    def place(self, components: dict[str, Any], family: Any, plan: Any) -> list[str]:
-        for value in components.values():
-            if isinstance(value, torch.nn.Module):
-                value.to(self.device)
-        return []
+    def _plan(self, sizes: memory.ModelSizes, model: str) -> memory.MemoryPlan:
+        request = self._request(model, sizes.family)
+        if self.forced is not None:
+            return force_plan(sizes, request, self.budget(), self.forced)
+        return memory.plan_memory(sizes, request, self.budget(), allow_lossy=self.allow_lossy)
 
-    def describe(self, plan: Any) -> list[str]:
-        return [f"plan {self.name(plan)}"]
+    def plan_before_load(self, model: str, single_file_config: str | None, policy: Any) -> memory.MemoryPlan | None:
+        """The plan from configs alone, or None when the model's weights are needed to size it."""
+        if single_file_config is not None:
+            return None
+        sizes = memory.size_model(model, policy)
+        return None if sizes is None else self._plan(sizes, model)
 
-    def encode_scope(self, components: dict[str, Any], family: Any, plan: Any) -> Callable[[], Any] | None:
-        return None
+    def plan_loaded(self, loaded: Any, policy: Any) -> memory.MemoryPlan:
+        sizes = memory.sizes_from_components(loaded.key, loaded.family, loaded.components)
+        return self._plan(sizes, loaded.key)
 
-    def fits_beside(self, plan: Any, others: list[Any]) -> bool:
-        return True
+    def next_plan(self, plan: memory.MemoryPlan) -> memory.MemoryPlan | None:
+        """One rung down after an out-of-memory error, with the budget as it is now; None at the bottom. Below a
+        forced rung the ladder is walked in order (the forced mode is the caller's choice, also on the CPU)."""
+        if self.forced is not None:
+            below = memory.LADDER[memory.LADDER.index(memory.RUNGS[plan.rung]) + 1:]
+            for rung in below:
+                devices = memory.STORAGE_DEVICES.get(rung.storage)
+                if (not rung.lossy or self.allow_lossy) and (not devices or self.device.type in devices):
+                    return force_plan(plan.sizes, plan.request, self.budget(), rung.name)
+            return None
+        try:
+            return memory.next_plan(plan, budget=self.budget() if self.max_memory is None else None)
+        except InsufficientMemoryError:
+            return None
+
+    def fits_beside(self, plan: memory.MemoryPlan, others: list[memory.MemoryPlan]) -> bool:
+        """Whether `plan`'s peak fits next to what the other loaded models keep on the device. A detected budget
+        already excludes them (it is the free memory now), so only an explicit `max_memory` is shared out here;
+        host RAM is checked either way."""
+        if self.max_memory is not None and sum(o.resident_bytes for o in others) + plan.peak_bytes > self.max_memory:
+            return False
+        available = memory.detect_budget(self.device).host_bytes if self.device.type != "cpu" else None
+        return available is None or plan.host_bytes <= available
+
+    def for_request(self, plan: memory.MemoryPlan, width: int, height: int, num_images: int, cfg: bool) -> tuple[
+            memory.MemoryPlan, str | None]:
+        """The plan's VAE options for this request's size (tiling/slicing are per call); a note when the rung is
+        expected not to fit it (the job still runs: an actual out-of-memory error steps down)."""
+        request = memory.PlanRequest(width, height, num_images, cfg=cfg, flash_attention=plan.request.flash_attention,
+                                     max_sequence_length=plan.request.max_sequence_length)
+        try:
+            return memory.replan_request(plan, request), None
+        except InsufficientMemoryError as e:
+            return replace(plan, vae_tiling=True, vae_slicing=num_images > 1, request=request), str(e)
+
+    # -- placing --------------------------------------------------------------------------------------------------
+    def places_before_passes(self, plan: memory.MemoryPlan) -> bool:
+        """Resident weights go to the device before the compiler passes (which then rewrite them there, as they
+        always did); offload hooks and lossy storage wrap the final modules, after the weight rewrites."""
+        return not plan.offloads and not plan.lossy
+
+    def place(self, components: dict[str, Any], family: Any, plan: memory.MemoryPlan) -> list[str]:
+        return placement.apply_memory_plan(components, family, plan, self.device)
+
+    def set_vae_options(self, components: dict[str, Any], plan: memory.MemoryPlan) -> None:
+        vae = components.get("vae")
+        if vae is not None:
+            placement.apply_vae_options(vae, plan.vae_tiling, plan.vae_slicing)
+
+    def encode_scope(self, components: dict[str, Any], family: Any, plan: memory.MemoryPlan
+                     ) -> Callable[[], Any] | None:
+        return placement.encode_scope(components, plan)
+
+    def describe(self, plan: memory.MemoryPlan) -> list[str]:
+        return plan.describe()
 
     def release(self) -> None:
         free_device_memory(self.device)
 
-    def next_plan(self, plan: Any) -> Any:
-        return None
-
-    def name(self, plan: Any) -> str:
-        return str(plan)
+    @staticmethod
+    def name(plan: memory.MemoryPlan) -> str:
+        return plan.rung

@@ -1,0 +1,147 @@
+"""The memory plan inside the Engine: offload placements give the resident image at every level, an out-of-memory
+error steps one rung down and retries, per-request VAE options, and least-recently-used eviction.
+
+On the CPU the automatic plan is always resident (offload needs an accelerator), so the offload rungs are forced
+with `memory_plan=`; their hooks then run with the CPU as the onload device, which exercises the same code."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine import Engine
+from engine.errors import InsufficientMemoryError, InvalidRequestError
+
+ARGS = dict(prompt="a red bicycle", num_inference_steps=2, seed=3, width=64, height=64)
+OFFLOAD_PLANS = ["text_encoders_offloaded", "model_offload", "group_offload"]
+
+
+def _pixels(result) -> np.ndarray:
+    return np.stack([np.asarray(i, dtype=np.int16) for i in result.images])
+
+
+@pytest.fixture(scope="module")
+def resident_images() -> dict[tuple[str, str], np.ndarray]:
+    out = {}
+    for level in ("O0", "O1"):
+        eng = Engine(device="cpu", opt_level=level)
+        for model in ("tiny-sdxl", "tiny-flux"):
+            out[(level, model)] = _pixels(eng.generate(model=model, **ARGS))
+    return out
+
+
+@pytest.mark.parametrize("level", ["O0", "O1"])
+@pytest.mark.parametrize("plan", OFFLOAD_PLANS)
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-flux"])
+def test_offload_plans_reproduce_the_resident_image(resident_images, model, plan, level):
+    eng = Engine(device="cpu", opt_level=level, memory_plan=plan)
+    got = _pixels(eng.generate(model=model, **ARGS))
+    assert np.array_equal(got, resident_images[(level, model)])
+    report = eng.optimization_report(model)
+    assert report.memory_plan[0].startswith(f"memory plan: {plan} ")
+    assert any(line.startswith("placement") for line in report.memory_plan), report.memory_plan
+    # a second request (prompt cache hit at O1, encoders already swapped back) gives the same image again
+    assert np.array_equal(_pixels(eng.generate(model=model, **ARGS)), got)
+
+
+def test_automatic_plan_on_the_cpu_is_resident_and_reported():
+    eng = Engine(device="cpu")
+    eng.load("tiny-sdxl")
+    lines = eng.optimization_report("tiny-sdxl").memory_plan
+    assert lines[0].startswith("memory plan: resident for tiny-sdxl")
+    assert any("rejected" in line for line in lines) is False
+    assert "memory plan" in str(eng.optimization_report("tiny-sdxl"))
+    assert eng.optimization_report("tiny-sdxl").as_dict()["memory_plan"] == lines
+
+
+def test_unknown_or_lossy_forced_plan_is_a_clear_error():
+    with pytest.raises(InvalidRequestError, match="memory_plan"):
+        Engine(device="cpu", memory_plan="everything_on_a_floppy")
+    with pytest.raises(InvalidRequestError, match="allow_lossy"):
+        Engine(device="cpu", memory_plan="fp8+resident")
+
+
+def _inject_oom_once(eng: Engine, model: str) -> list[int]:
+    """The denoiser's first call raises CUDA's out-of-memory error type (torch.OutOfMemoryError)."""
+    calls = [0]
+    denoiser = eng._slots[model].loaded.components[eng._slots[model].loaded.family.denoiser]
+
+    def hook(module, args):
+        calls[0] += 1
+        if calls[0] == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
+
+    denoiser.register_forward_pre_hook(hook)
+    return calls
+
+
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-flux"])
+def test_out_of_memory_steps_down_one_rung_and_retries(resident_images, model):
+    eng = Engine(device="cpu", memory_plan="resident")
+    eng.load(model)
+    calls = _inject_oom_once(eng, model)
+    result = eng.generate(model=model, **ARGS)
+    assert calls[0] == 1  # the failed placement is gone: the retry ran on the reloaded model
+    assert np.array_equal(_pixels(result), resident_images[("O0", model)])
+    slot = eng._slots[model]
+    assert slot.plan.rung == "text_encoders_offloaded"
+    assert any(line.startswith("fallback: out of memory with resident") for line in
+               eng.optimization_report(model).memory_plan)
+    # the next request starts from the new plan and needs no fallback
+    assert np.array_equal(_pixels(eng.generate(model=model, **ARGS)), resident_images[("O0", model)])
+    assert eng._slots[model] is slot
+
+
+def test_out_of_memory_at_the_last_rung_is_a_clear_error_and_the_engine_stays_usable(resident_images):
+    eng = Engine(device="cpu", memory_plan="group_offload")
+    eng.load("tiny-sdxl")
+    _inject_oom_once(eng, "tiny-sdxl")
+    with pytest.raises(InsufficientMemoryError, match="smallest memory plan"):
+        eng.generate(model="tiny-sdxl", **ARGS)
+    assert np.array_equal(_pixels(eng.generate(model="tiny-sdxl", **ARGS)), resident_images[("O0", "tiny-sdxl")])
+
+
+def test_other_errors_are_not_taken_for_out_of_memory():
+    eng = Engine(device="cpu", memory_plan="resident")
+    eng.load("tiny-sdxl")
+    denoiser = eng._slots["tiny-sdxl"].loaded.components["unet"]
+    handle = denoiser.register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(ValueError("boom")))
+    with pytest.raises(ValueError, match="boom"):
+        eng.generate(model="tiny-sdxl", **ARGS)
+    handle.remove()
+    assert eng._slots["tiny-sdxl"].plan.rung == "resident"
+
+
+def test_vae_slicing_and_tiling_follow_the_request():
+    eng = Engine(device="cpu")
+    vae = eng._slot("tiny-sdxl").loaded.components["vae"]
+    many = eng.generate(model="tiny-sdxl", **{**ARGS, "num_images": 5})
+    assert vae.use_slicing and not vae.use_tiling
+    eng.generate(model="tiny-sdxl", **ARGS)
+    assert not vae.use_slicing and not vae.use_tiling
+    one = Engine(device="cpu").generate(model="tiny-sdxl", **{**ARGS, "num_images": 5})
+    assert np.array_equal(_pixels(many), _pixels(one))  # slicing is exact
+
+
+def test_least_recently_used_model_is_evicted_at_max_loaded_models():
+    eng = Engine(device="cpu", max_loaded_models=2)
+    eng.load("tiny-sdxl")
+    eng.load("tiny-flux")
+    eng.generate(model="tiny-sdxl", **ARGS)  # tiny-flux is now the least recently used
+    eng.load("tiny-sd15")
+    assert sorted(eng.loaded_models()) == ["tiny-sd15", "tiny-sdxl"]
+    with pytest.raises(InvalidRequestError):
+        Engine(device="cpu", max_loaded_models=0)
+
+
+def test_model_that_does_not_fit_beside_the_others_evicts_them():
+    probe = Engine(device="cpu")
+    plans = {m: probe._slot(m).plan for m in ("tiny-sdxl", "tiny-flux")}
+    first, second = sorted(plans, key=lambda m: plans[m].peak_bytes)  # the larger peak comes second
+    budget = plans[second].peak_bytes  # each fits alone; not the second beside the first's resident weights
+    assert plans[first].resident_bytes > 0
+    eng = Engine(device="cpu", max_memory=budget)
+    eng.load(first)
+    eng.load(second)
+    assert eng.loaded_models() == [second]
