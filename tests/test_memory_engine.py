@@ -145,3 +145,24 @@ def test_model_that_does_not_fit_beside_the_others_evicts_them():
     eng.load(first)
     eng.load(second)
     assert eng.loaded_models() == [second]
+
+
+def test_settings_an_offloading_plan_cannot_combine_with_are_dropped_and_reported():
+    from types import SimpleNamespace
+
+    from engine.compiler import config_for_level
+    from engine.compiler.plan_rules import fit_config_to_plan
+
+    config = config_for_level("O3", backend="tensorrt", quant="int8_weight_only")
+    fitted, dropped = fit_config_to_plan(config, SimpleNamespace(offloads=True, lossy=True, rung="fp8+group_offload",
+                                                                 storage="fp8"))
+    assert (fitted.cuda_graphs, fitted.backend, fitted.quant) == (False, "torch", "none")
+    assert [f for f, _ in dropped] == ["cuda_graphs", "backend", "quant"]
+    resident = SimpleNamespace(offloads=False, lossy=False, rung="resident", storage="compute")
+    assert fit_config_to_plan(config, resident) == (config, [])
+
+    eng = Engine(device="cpu", memory_plan="model_offload", compile_config={"backend": "onnxruntime"})
+    eng.generate(model="tiny-sdxl", **ARGS)
+    report = eng.optimization_report("tiny-sdxl")
+    assert any("dropped" in d and "model_offload" in d for d in report.details("backend"))
+    assert eng._slots["tiny-sdxl"].exported == {}

@@ -16,6 +16,8 @@ from .config import CompileConfig, config_for_level, level_names, resolve_config
 from .context import PassContext
 from .dtype import apply_dtype
 from .layout import apply_channels_last, apply_fuse_qkv
+from .lora_slots import apply_lora_slots
+from .plan_rules import fit_config_to_plan
 from .prompt_cache import PromptCache, apply_prompt_cache
 from .quant import apply_quant
 from .report import OptimizationReport, PassResult
@@ -30,6 +32,7 @@ PASSES: list[Callable[[PassContext], None]] = [
     apply_attention,
     apply_quant,
     apply_cache,
+    apply_lora_slots,
     apply_backend,
     apply_cuda_graphs,
     apply_compile,
@@ -48,7 +51,10 @@ def optimize(components: dict[str, Any], family: FamilySpec, device: torch.devic
     given, puts the components on the device (offload hooks) after the passes that rewrite weights and before those
     that capture the final modules (export, compile): hooks must wrap the modules that will actually run.
     """
+    config, dropped = fit_config_to_plan(config, (state or {}).get("memory_plan"))
     report = OptimizationReport(config_hash=config.compute_hash(), device=str(device))
+    for name, reason in dropped:
+        report.skipped(name, reason)
     ctx = PassContext(components=components, family=family, device=device, config=config, report=report,
                       state=dict(state or {}))
     with _quiet_diffusers():

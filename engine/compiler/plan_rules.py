@@ -1,0 +1,51 @@
+"""Which compiler settings cannot combine with a memory plan, as data: `optimize` drops them before the passes run
+and the report says which and why.
+
+- CUDA graphs replay fixed weight addresses, and every offloading plan moves weights between host and device
+  (the text-encoder swap too: the denoiser's group goes back to the host while the encoders run).
+- An exported ONNX Runtime / TensorRT graph keeps its own copy of the weights on the device, so offloading the torch
+  module would free nothing; offloading plans keep the denoiser in PyTorch.
+- Lossy storage plans already store the weights as fp8/int8/nf4: quantizing them again in the quant pass would
+  stack two roundings on the same weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .config import CompileConfig
+
+
+@dataclass(frozen=True)
+class PlanRule:
+    field: str
+    conflicts: Callable[[Any], bool]  # the config field's value that cannot combine
+    applies: Callable[[Any], bool]  # the memory plan it cannot combine with
+    replacement: Any
+    reason: str  # formatted with the plan's rung and storage
+
+
+RULES: tuple[PlanRule, ...] = (
+    PlanRule("cuda_graphs", lambda v: v is not False, lambda p: bool(getattr(p, "offloads", False)), False,
+             "dropped: CUDA graphs replay fixed weight addresses and the {rung} memory plan moves weights"),
+    PlanRule("backend", lambda v: v != "torch", lambda p: bool(getattr(p, "offloads", False)), "torch",
+             "dropped: an exported graph keeps its own copy of the weights on the device, which the {rung} memory "
+             "plan offloads; the denoiser stays in PyTorch"),
+    PlanRule("quant", lambda v: v != "none", lambda p: bool(getattr(p, "lossy", False)), "none",
+             "dropped: the {rung} memory plan already stores the weights as {storage}"),
+)
+
+
+def fit_config_to_plan(config: CompileConfig, plan: Any) -> tuple[CompileConfig, list[tuple[str, str]]]:
+    """The config with the settings `plan` cannot combine with replaced, and (field, reason) for each."""
+    if plan is None:
+        return config, []
+    changes: dict[str, Any] = {}
+    dropped: list[tuple[str, str]] = []
+    for rule in RULES:
+        if rule.conflicts(getattr(config, rule.field)) and rule.applies(plan):
+            changes[rule.field] = rule.replacement
+            dropped.append((rule.field, rule.reason.format(rung=getattr(plan, "rung", "?"),
+                                                           storage=getattr(plan, "storage", "?"))))
+    return (config.model_copy(update=changes) if changes else config), dropped
