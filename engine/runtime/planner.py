@@ -169,3 +169,18 @@ class Planner:
     @staticmethod
     def name(plan: memory.MemoryPlan) -> str:
         return plan.rung
+
+
+def add_memory_arguments(parser: Any) -> None:
+    """The memory flags `engine generate` and `engine serve` share (see `engine_memory_kwargs`)."""
+    parser.add_argument("--max-memory", help="device memory budget, e.g. 24GB or 12GiB (default: the free memory)")
+    parser.add_argument("--memory-plan", choices=list(memory.RUNGS),
+                        help="force one rung of the memory ladder (default: the richest that fits; see `engine plan`)")
+    parser.add_argument("--allow-lossy-memory", action="store_true",
+                        help="allow fp8/int8/nf4 weight storage when nothing lossless fits")
+    parser.add_argument("--max-loaded-models", type=int, help="evict the least recently used model beyond this many")
+
+
+def engine_memory_kwargs(args: Any) -> dict[str, Any]:
+    return {"max_memory": args.max_memory, "memory_plan": args.memory_plan,
+            "allow_lossy_memory": args.allow_lossy_memory, "max_loaded_models": args.max_loaded_models}

@@ -40,6 +40,9 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                        help="seconds results and output files are kept after completion")
     serve.add_argument("--preload", action="store_true", help="load the text-to-image models of every app first")
     serve.add_argument("--log-level", default="info")
+    from ..runtime.planner import add_memory_arguments
+
+    add_memory_arguments(serve)
     serve.set_defaults(func=cmd_serve)
     return serve
 
@@ -54,6 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
 
     from ..api import Engine
+    from ..runtime.planner import engine_memory_kwargs
     from ..endpoints import ENDPOINTS, parse_override
     from ..registry import find_spec
     from ..runtime.files import FileStore
@@ -68,7 +72,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("error: --ssl-certfile and --ssl-keyfile go together", file=sys.stderr)
         return 2
     engine = Engine(device=args.device, opt_level=args.opt_level, allow_private_urls=args.allow_private_urls,
-                    compile_config={"backend": args.backend} if args.backend else None)
+                    compile_config={"backend": args.backend} if args.backend else None,
+                    **engine_memory_kwargs(args))
     app = create_app(engine, api_key=args.api_key, allow_private_urls=args.allow_private_urls,
                      endpoint_overrides=overrides, timeout_s=args.timeout, retention_s=args.retention,
                      files=FileStore(args.files_dir, ttl_s=args.retention) if args.files_dir else None)
