@@ -94,15 +94,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     if args.table:
         models = args.model.split(",") if args.model else list(memory.TABLE_MODELS)
-        rows = memory.plan_table(models, dtype=args.dtype, allow_lossy=args.allow_lossy)
+        rows = memory.plan_table(models, dtype=args.dtype, allow_lossy=args.allow_lossy,
+                                 max_host_memory=args.host_memory)
         text = memory.markdown_table(rows)
         if args.out:
-            command = "engine plan --table" + (f" --model {args.model}" if args.model else "") + (
-                f" --dtype {args.dtype}" if args.dtype != "bf16" else "") + (" --allow-lossy" if args.allow_lossy else "")
-            header = (f"`{command} --out {args.out}`\n\n"
-                      "Which memory plan each model gets on common cards (`--max-memory <N>GB`, 10^9 bytes, at the "
-                      f"model's default size, {args.dtype}, one image), with the expected device peak. Estimates from "
-                      "the shipped configs on the meta device; host RAM is not limited here.\n\n")
+            options = [f"--model {args.model}" if args.model else "", f"--dtype {args.dtype}" if args.dtype != "bf16"
+                       else "", f"--host-memory {args.host_memory}" if args.host_memory else "",
+                       "--allow-lossy" if args.allow_lossy else "", f"--out {args.out}"]
+            command = " ".join(["engine plan --table", *[o for o in options if o]])
+            host = f"host RAM {args.host_memory}" if args.host_memory else "host RAM not limited"
+            header = (f"`{command}`\n\n"
+                      "Which memory plan each model gets on common cards (`--max-memory <N>GB`, 10^9 bytes) at the "
+                      f"model's default size, {args.dtype}, one image, {host}"
+                      f"{', lossy storage allowed' if args.allow_lossy else ''}: the plan, its expected device peak "
+                      "and the host RAM it keeps weights in. Estimated from the shipped configs on the meta device "
+                      "(no weights read); see engine/runtime/memory.py for the activation estimate.\n\n")
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(header + text + "\n", encoding="utf-8")
         print(text)

@@ -4,6 +4,7 @@ the placement hooks exercised on tiny models with the CPU as onload device."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
 
@@ -179,7 +180,7 @@ def test_parse_memory_rejects(bad):
 def test_tiny_and_aurasr_models_are_sizable():
     for name, family in (("sdxl", "sdxl"), ("flux", "flux")):
         from_config = {c.name: c for c in size_model(f"tiny-{name}", torch.float32).components}
-        built = sizes_from_components(f"tiny-{name}", family, build_tiny_components(name))
+        built = sizes_from_components(f"tiny-{name}", family, _tiny_cached(name))
         assert {c.name: c.bytes for c in built.components} == {k: c.bytes for k, c in from_config.items()}
     aura = size_model("aura-sr").components[0]
     assert aura.role == "upsampler" and aura.params == pytest.approx(617.6e6, rel=0.01)
@@ -187,8 +188,14 @@ def test_tiny_and_aurasr_models_are_sizable():
 
 
 # ----------------------------------------------------------------------------------------------- placement (CPU)
-def _tiny(name: str) -> dict:
+@functools.lru_cache(maxsize=None)
+def _tiny_cached(name: str) -> dict:
     return build_tiny_components(name)
+
+
+def _tiny(name: str) -> dict:
+    """A private copy of the (built once) tiny components."""
+    return _copy(_tiny_cached(name))
 
 
 def _copy(components: dict) -> dict:
@@ -230,11 +237,10 @@ def _run(components: dict, family: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module", params=["sdxl", "flux"])
 def tiny(request):
-    components = _tiny(request.param)
-    return request.param, components, _run(_copy(components), request.param)
+    return request.param, _tiny_cached(request.param), _run(_tiny(request.param), request.param)
 
 
-@pytest.mark.parametrize("rung", ["resident", "text_encoders_offloaded", "model_offload", "group_offload"])
+@pytest.mark.parametrize("rung", ["text_encoders_offloaded", "model_offload", "group_offload"])
 def test_placement_matches_plain_run(tiny, rung):
     family, components, (ref_latents, ref_image) = tiny
     placed = _copy(components)
@@ -242,18 +248,19 @@ def test_placement_matches_plain_run(tiny, rung):
     assert plan.rung == rung
     notes = apply_memory_plan(placed, get_family(family), plan, "cpu")
     assert notes and rung in notes[0]
-    for _ in range(2):  # twice: the cyclic hooks hand over again
+    for _ in range(2 if plan.placement == "swap" else 1):  # swap: twice, the cyclic hooks hand over again
         latents, image = _run(placed, family)
         torch.testing.assert_close(latents, ref_latents, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(image, ref_image, rtol=1e-5, atol=1e-5)
     reset_placement(placed)
-    assert not any(hasattr(m, "_hf_hook") for v in placed.values() if isinstance(v, torch.nn.Module)
-                   for m in v.modules())
-    torch.testing.assert_close(_run(placed, family)[1], ref_image, rtol=1e-5, atol=1e-5)
+    modules = [m for v in placed.values() if isinstance(v, torch.nn.Module) for m in v.modules()]
+    assert not any(hasattr(m, "_hf_hook") for m in modules)
+    assert not any(getattr(m, "_diffusers_hook", None) is not None
+                   and m._diffusers_hook.get_hook("group_offloading") is not None for m in modules)
 
 
 def test_swap_hooks_are_chained_in_a_cycle():
-    components = _copy(_tiny("sdxl"))
+    components = _tiny("sdxl")
     plan = _tiny_plan(components, "sdxl", "text_encoders_offloaded")
     apply_memory_plan(components, get_family("sdxl"), plan, "cpu")
     te_prev = components["text_encoder"]._hf_hook.prev_module_hook
@@ -272,8 +279,8 @@ def test_swap_hooks_are_chained_in_a_cycle():
 def test_tiled_decode_equals_diffusers_tiling():
     components = _tiny("sdxl")
     vae = components["vae"]
-    assert vae.tile_latent_min_size == 16  # sample_size 128 over 3 downsamplings: 32x32 latents tile
-    latents = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert vae.tile_latent_min_size == 16  # sample_size 128 over 3 downsamplings: 24x24 latents tile
+    latents = torch.randn(2, 4, 24, 24, generator=torch.Generator().manual_seed(1))
     reference = copy.deepcopy(vae)
     reference.enable_tiling()
     reference.enable_slicing()  # the plan slices a batch of 8 too
@@ -293,8 +300,8 @@ def test_tiled_decode_equals_diffusers_tiling():
 
 @pytest.mark.parametrize("rung", ["fp8+resident", "fp8+group_offload", "int8+model_offload"])
 def test_lossy_storage_runs(rung):
-    components = _copy(_tiny("flux"))
-    _, ref = _run(_copy(components), "flux")
+    components = _tiny("flux")
+    _, ref = _run(_tiny("flux"), "flux")
     plan = _tiny_plan(components, "flux", rung)
     notes = apply_memory_plan(components, get_family("flux"), plan, "cpu")
     assert notes[0].startswith(f"storage {plan.storage}:")
@@ -311,7 +318,7 @@ def test_lossy_storage_runs(rung):
 def test_nf4_without_bitsandbytes_weights_is_an_error():
     from engine.errors import ModelLoadError
 
-    components = _copy(_tiny("flux"))
+    components = _tiny("flux")
     plan = _tiny_plan(components, "flux", "nf4+resident")
     with pytest.raises(ModelLoadError, match="load time"):
         apply_memory_plan(components, get_family("flux"), plan, "cpu")

@@ -151,6 +151,8 @@ class ComponentSize:
     group_always: int  # bytes, in the compute dtype
     group_max: int
     group_pair: int
+    width: int = 0  # activation width from the config (see SHAPES), 0: the family's default
+    heads: int = 0  # attention heads of its largest self-attention, 0: the family's default
 
     def stored(self, storage: str) -> int:
         return self.storage_bytes.get(storage, self.bytes)
@@ -301,6 +303,31 @@ def default_dtype_rule(compute: torch.dtype) -> Callable[[str, str, Mapping[str,
     return rule
 
 
+def _unet_shape(c: Mapping[str, Any]) -> tuple[int, int]:
+    heads = c["attention_head_dim"]  # diffusers' UNet config calls the head count attention_head_dim
+    levels = [i for i, t in enumerate(c["down_block_types"]) if t.startswith("CrossAttn")]
+    return c["block_out_channels"][0], (heads[levels[0]] if isinstance(heads, list) and levels else heads)
+
+
+# Layer shapes the activation estimate reads from each component's config: (width, attention heads).
+SHAPES: dict[str, Callable[[Mapping[str, Any]], tuple[int, int]]] = {
+    "UNet2DConditionModel": _unet_shape,
+    "FluxTransformer2DModel": lambda c: (c["num_attention_heads"] * c["attention_head_dim"], c["num_attention_heads"]),
+    "T5EncoderModel": lambda c: (c["d_model"], c["num_heads"]),
+    "CLIPTextModel": lambda c: (c["hidden_size"], c["num_attention_heads"]),
+    "CLIPTextModelWithProjection": lambda c: (c["hidden_size"], c["num_attention_heads"]),
+    # the decoder's full-resolution map right after the last upsampling has the second-narrowest width
+    "AutoencoderKL": lambda c: (c["block_out_channels"][min(1, len(c["block_out_channels"]) - 1)], 1),
+}
+
+
+def _shape(counts: ComponentCounts) -> tuple[int, int]:
+    try:
+        return SHAPES[counts.class_name](counts.config)
+    except (KeyError, IndexError, TypeError):
+        return 0, 0
+
+
 def size_components(model: str, family: FamilySpec | str, counts: Mapping[str, ComponentCounts],
                     dtype: DtypeRule | Mapping[str, torch.dtype]) -> ModelSizes:
     """Counts → bytes in each component's dtype (one dtype, a per-name mapping, or a policy callable)."""
@@ -318,9 +345,10 @@ def size_components(model: str, family: FamilySpec | str, counts: Mapping[str, C
         itemsize = torch.empty((), dtype=dt).element_size()
         role = _role(name, family)
         storage = _storage_bytes(c, itemsize, role)
+        width, heads = _shape(c)
         sizes.append(ComponentSize(name, role, c.class_name, DTYPE_NAMES.get(dt, str(dt)), c.params,
                                    storage["compute"], storage, c.group_always * itemsize, c.group_max * itemsize,
-                                   c.group_pair * itemsize))
+                                   c.group_pair * itemsize, width, heads))
     return ModelSizes(model, family.name, tuple(sizes))
 
 
@@ -441,6 +469,8 @@ class ActivationSpec:
     map, its GroupNorm and activation, before the last block narrows to 128), and its mid-block attention runs over
     latent pixels with one head (scores only without a fused kernel).
     Text encoders: tokens x hidden x `text_live` per prompt (T5-XXL at 512 tokens: ~0.1 GB; CLIP: a few MiB).
+    Widths and head counts are read from each component's config (`SHAPES`), so a tiny or a retrained variant is
+    estimated at its own widths; the numbers in this table are the fallback for configs `SHAPES` does not know.
 
     Where the numbers come from (1 image, bf16):
     - SD 1.5 (512x512): level 0 is 64x64 latent pixels x 320 channels with attention (8 heads over 4096 tokens).
@@ -521,25 +551,30 @@ def estimate_activations(sizes: ModelSizes, request: PlanRequest, *, tiling: boo
     pixels = request.width * request.height
     den = next(iter(sizes.by_role("denoiser", "upsampler")), None)
     den_bytes = _bytes_of(den.dtype) if den else 2
+    width = (den.width if den else 0) or spec.width
+    heads = (den.heads if den else 0) or spec.attn_heads
     text = request.max_sequence_length or spec.text_tokens
     tokens = pixels / spec.token_stride**2 + (text if spec.text_tokens else 0)
-    denoise = tokens * spec.width * spec.live * den_bytes
+    denoise = tokens * width * spec.live * den_bytes
     if not request.flash_attention and spec.attn_heads:
         attn_tokens = pixels / spec.attn_stride**2 + (text if spec.text_tokens else 0)
-        denoise += 2 * spec.attn_heads * attn_tokens**2 * den_bytes
+        denoise += 2 * heads * attn_tokens**2 * den_bytes
     denoise *= batch
 
     encoders = sizes.by_role("text_encoder")
     enc_bytes = max((_bytes_of(c.dtype) for c in encoders), default=2)
-    encode = batch * spec.text_len * spec.text_width * spec.text_live * enc_bytes if encoders else 0
+    text_width = max((c.width for c in encoders), default=0) or spec.text_width
+    text_len = max(spec.text_len, text if spec.text_tokens else 0)
+    encode = batch * text_len * text_width * spec.text_live * enc_bytes if encoders else 0
 
     vae = next(iter(sizes.by_role("vae")), None)
     decode = untiled = 0
     if vae is not None and spec.decode_width:
         vbytes = _bytes_of(vae.dtype)
+        decode_width = vae.width or spec.decode_width
 
         def one(px: float) -> float:
-            maps = px * spec.decode_width * spec.decode_live * vbytes
+            maps = px * decode_width * spec.decode_live * vbytes
             if not request.flash_attention:
                 maps += 2 * (px / spec.decode_attn_stride**2) ** 2 * vbytes
             return maps
@@ -906,16 +941,19 @@ TABLE_CARDS_GB = (8, 12, 16, 24, 48, 80)
 
 
 def plan_table(models: Sequence[str] = TABLE_MODELS, cards_gb: Sequence[int] = TABLE_CARDS_GB, *,
-               dtype: str = "bf16", allow_lossy: bool = False) -> list[list[str]]:
-    """Rows of "which plan each model gets on common cards" (header first), each cell `rung (peak)`."""
+               dtype: str = "bf16", allow_lossy: bool = False,
+               max_host_memory: int | str | None = None) -> list[list[str]]:
+    """Rows of "which plan each model gets on common cards" (header first); each cell `rung (peak, host RAM)`."""
     rows = [["model (default size)", *[f"{gb} GB" for gb in cards_gb]]]
     for model in models:
         row = []
         size = None
         for gb in cards_gb:
             try:
-                plan = plan_for_model(model, max_memory=f"{gb}GB", dtype=dtype, allow_lossy=allow_lossy)
-                row.append(f"{plan.rung} ({format_bytes(plan.peak_bytes)})")
+                plan = plan_for_model(model, max_memory=f"{gb}GB", dtype=dtype, allow_lossy=allow_lossy,
+                                      max_host_memory=max_host_memory)
+                host = f", host {format_bytes(plan.host_bytes)}" if plan.host_bytes else ""
+                row.append(f"{plan.rung} ({format_bytes(plan.peak_bytes)}{host})")
                 size = plan.request.describe()
             except InsufficientMemoryError as e:
                 row.append(f"does not fit (needs {format_bytes(e.needed_bytes or 0)})")
