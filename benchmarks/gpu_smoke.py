@@ -220,6 +220,8 @@ def judge(case: Case) -> None:
         problems.append(f"LoRA had no effect (on vs off {case.lora_effect_db} dB)")
     case.status = "failed" if problems else "ok"
     case.reason = "; ".join(problems)
+    if case.runs and not scores:
+        case.reason = "no O0 torch reference to compare with (it did not run)"
 
 
 def plan_cases(models: list[str], cells: list[tuple[str, str]]) -> list[Case]:
@@ -262,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results/gpu_smoke.json")
     parser.add_argument("--budget-s", type=float, default=270.0, help="no case starts after this many seconds")
     parser.add_argument("--case-timeout-s", type=float, default=90.0)
+    parser.add_argument("--list", action="store_true", help="print the planned cases and exit")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -281,6 +284,12 @@ def main(argv: list[str] | None = None) -> int:
         models = args.models or TINY + SMALL + [m for m in REAL if get_spec(m).available_offline()]
         cases = plan_cases(models, CELLS)
     models = list(dict.fromkeys(c.model for c in cases))
+    if args.list:
+        for c in cases:
+            why = backend_missing(c.backend, device)
+            print(f"{c.model:14} {c.level} {c.backend:12} {resolutions(c.model, args.quick)}"
+                  + (f"  (skipped: {why})" if why else ""))
+        return 0
     references: dict[str, dict[tuple[bool, int, int], Any]] = {m: {} for m in models}
     loras: dict[str, Path | None] = {}
     scratch = Path(tempfile.mkdtemp(prefix="gpu-smoke-"))
