@@ -48,6 +48,8 @@ class _Slot:
         policy = dtype_policy(config, device)
         if plan is None:
             plan = planner.plan_before_load(model, single_file_config, policy)
+        if plan is not None:
+            policy = planner.load_policy(policy, plan)  # e.g. NF4 weights, which only the loader can make
         loaded = load_model(model, torch_dtype=policy, allow_pickle=allow_pickle, config=single_file_config)
         if plan is None:  # a model the planner cannot size from configs alone: size the loaded weights
             plan = planner.plan_loaded(loaded, policy)

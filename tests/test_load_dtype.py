@@ -138,3 +138,46 @@ def test_peak_host_memory_of_a_mid_size_bf16_load(tmp_path):
     m = json.loads(out.stdout.strip().splitlines()[-1])
     assert m["weights"] > 300 * 2**20
     assert m["peak"] - m["base"] <= 1.15 * m["weights"] + 150 * 2**20, m
+
+
+def test_nf4_memory_plan_asks_the_loaders_for_bitsandbytes_weights(monkeypatch, half_folder):
+    """NF4 weights only come out of the loader (bitsandbytes quantizes while loading); CUDA-only, so here the
+    selection is checked: which components get which quantization_config, and that the loader passes it on."""
+    import diffusers
+    import transformers
+
+    from engine.runtime.memory import plan_for_model
+    from engine.runtime.planner import Planner
+
+    family, folder = half_folder
+    model = "flux-dev" if family == "flux" else "sdxl"
+    plan = plan_for_model(model, max_memory="80GB", allow_lossy=True)
+    plan = type(plan)(**{**plan.__dict__, "storage": "nf4", "rung": "nf4+resident", "lossy": True})
+    policy = Planner.load_policy(DtypePolicy(torch.bfloat16), plan)
+    denoiser = "transformer" if family == "flux" else "unet"
+    assert set(policy.nf4_components) == {denoiser, "text_encoder", "text_encoder_2"}
+    assert Planner.load_policy(DtypePolicy(torch.bfloat16), plan_for_model(model, max_memory="80GB")).nf4_components == ()
+
+    made = []
+
+    class FakeConfig:
+        def __init__(self, **kwargs):
+            made.append(kwargs)
+
+    monkeypatch.setattr(diffusers, "BitsAndBytesConfig", FakeConfig, raising=False)
+    monkeypatch.setattr(transformers, "BitsAndBytesConfig", FakeConfig, raising=False)
+    seen = {}
+    for cls in {type(m) for m in load_model(str(folder)).components.values() if isinstance(m, torch.nn.Module)}:
+        original = cls.from_pretrained.__func__
+
+        def spy(klass, *args, _original=original, **kwargs):
+            seen[klass.__name__] = kwargs.get("quantization_config")
+            kwargs.pop("quantization_config", None)  # no bitsandbytes here: load plainly
+            return _original(klass, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    load_model(str(folder), torch_dtype=policy)
+    quantized = {name for name, q in seen.items() if isinstance(q, FakeConfig)}
+    assert "AutoencoderKL" not in quantized and len(quantized) >= 2, seen
+    assert all(k == {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.bfloat16}
+               for k in made)

@@ -39,6 +39,17 @@ class DtypePolicy:
     compute: torch.dtype
     vae_dtype: str = "safe"  # CompileConfig.vae_dtype
     text_encoder_dtype: str = "same"  # CompileConfig.text_encoder_dtype
+    nf4_components: tuple[str, ...] = ()  # loaded as bitsandbytes NF4 (a memory plan's lossy storage)
+
+    def quantization(self, name: str, library: str, class_name: str) -> Any:
+        """The `quantization_config` a component is loaded with: NF4 weights are made by bitsandbytes while loading
+        (they cannot be produced afterwards), so an NF4 memory plan asks the loaders for them."""
+        if name not in self.nf4_components:
+            return None
+        import importlib
+
+        config_class = importlib.import_module(library).BitsAndBytesConfig  # diffusers' or transformers'
+        return config_class(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=self.compute)
 
     def __call__(self, name: str, class_name: str, config: Mapping[str, Any] | None = None) -> torch.dtype:
         config = config or {}

@@ -35,3 +35,9 @@ def module_config(module: torch.nn.Module) -> Mapping[str, Any]:
     if config is None:
         return {}
     return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+def load_quantization(torch_dtype: TorchDtype, name: str, library: str, class_name: str) -> Any:
+    """The quantization config a policy asks for (`policy.quantization(name, library, class_name)`), else None."""
+    ask = getattr(torch_dtype, "quantization", None)
+    return ask(name, library, class_name) if callable(ask) else None

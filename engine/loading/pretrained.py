@@ -18,7 +18,7 @@ import torch
 from ..errors import HubUnavailableError, ModelLoadError, UnsafeCheckpointError
 from ..families import FamilySpec, family_of_pipeline_class
 from .classes import component_kind, resolve_class
-from .dtypes import TorchDtype, component_dtype, folder_config
+from .dtypes import TorchDtype, component_dtype, folder_config, load_quantization
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +78,15 @@ def _load_component(folder: Path, name: str, library: str, cls_name: str, torch_
     _check_weights(folder, name, allow_pickle)
     use_safetensors = not allow_pickle or any((folder / name).glob("*.safetensors"))
     dtype = component_dtype(torch_dtype, name, cls_name, folder_config(folder / name))
+    quant = load_quantization(torch_dtype, name, library, cls_name)
+    extra = {"quantization_config": quant} if quant is not None else {}
     # Both libraries build on the meta device and load each tensor straight into `dtype` (no fp32 copy first).
     if library == "diffusers":
         model = cls.from_pretrained(str(folder), subfolder=name, torch_dtype=dtype, local_files_only=True,
-                                    use_safetensors=use_safetensors, low_cpu_mem_usage=True)
+                                    use_safetensors=use_safetensors, low_cpu_mem_usage=True, **extra)
     else:
         model = cls.from_pretrained(str(folder / name), dtype=dtype, local_files_only=True,
-                                    use_safetensors=use_safetensors)
+                                    use_safetensors=use_safetensors, **extra)
     model.eval()
     model.requires_grad_(False)
     return model

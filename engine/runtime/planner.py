@@ -142,6 +142,15 @@ class Planner:
         except InsufficientMemoryError as e:
             return replace(plan, vae_tiling=True, vae_slicing=num_images > 1, request=request), str(e)
 
+    @staticmethod
+    def load_policy(policy: Any, plan: memory.MemoryPlan) -> Any:
+        """The loaders' dtype policy for `plan`: under NF4 storage, the denoiser and text encoders are loaded as
+        bitsandbytes NF4 (CUDA only; the ladder offers NF4 only where bitsandbytes is installed)."""
+        if plan.storage != "nf4":
+            return policy
+        names = tuple(c.name for c in plan.components if c.role in memory.LOSSY_ROLES)
+        return replace(policy, nf4_components=names)
+
     # -- placing --------------------------------------------------------------------------------------------------
     def places_before_passes(self, plan: memory.MemoryPlan) -> bool:
         """Resident weights go to the device before the compiler passes (which then rewrite them there, as they
