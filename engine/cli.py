@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="memory plan for a model on a device budget (no weights loaded)")
     plan.add_argument("--model", help="registry id or diffusers folder (with --table: comma-separated ids)")
-    plan.add_argument("--max-memory", help="device budget, e.g. 24GB (10^9 bytes), 24GiB, 12000MB; default: free memory")
+    plan.add_argument("--max-memory", help="device budget, e.g. 24GB (10^9 bytes), 24GiB, 12000MB; default: the "
+                      "free memory of --device")
     plan.add_argument("--host-memory", help="host RAM budget for offloaded weights (default: unlimited with "
                       "--max-memory, available RAM otherwise)")
     plan.add_argument("--device", default="cuda", help="device kind the plan is for (cuda, mps, cpu)")

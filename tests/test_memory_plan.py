@@ -157,6 +157,14 @@ def test_plan_report_and_dict():
     assert {c["name"] for c in data["components"]} == {"transformer", "text_encoder", "text_encoder_2", "vae"}
 
 
+def test_storage_needs_its_package(monkeypatch):
+    monkeypatch.setattr(memory, "_installed", lambda package: package != "bitsandbytes")
+    plan = _plan("flux-dev", 2, allow_lossy=True)  # below group offload's 2.5 GB: lossy group offload
+    assert plan.rung == "fp8+group_offload"
+    with pytest.raises(InsufficientMemoryError, match="nf4 needs bitsandbytes|no memory plan"):
+        plan_memory(plan.sizes, plan.request, plan.budget, allow_lossy=True, start="nf4+resident")
+
+
 def test_cpu_device_plans_resident_only():
     sizes = size_model("sdxl")
     plan = plan_memory(sizes, PlanRequest(1024, 1024), MemoryBudget(64 * GB, None, "cpu"))
@@ -203,9 +211,9 @@ def _copy(components: dict) -> dict:
 
 
 def _tiny_plan(components: dict, family: str, rung: str, request: PlanRequest | None = None) -> memory.MemoryPlan:
+    """The plan of `rung` for a CUDA-sized budget, applied below with the CPU as onload device."""
     sizes = sizes_from_components(f"tiny-{family}", family, components)
-    return plan_memory(sizes, request or PlanRequest(64, 64), MemoryBudget(10**12, None, "cuda"), allow_lossy=True,
-                       start=rung)
+    return memory.plan_at(sizes, request or PlanRequest(64, 64), MemoryBudget(10**12, None, "cuda"), rung)
 
 
 def _run(components: dict, family: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,7 +253,7 @@ def test_placement_matches_plain_run(tiny, rung):
     family, components, (ref_latents, ref_image) = tiny
     placed = _copy(components)
     plan = _tiny_plan(placed, family, rung)
-    assert plan.rung == rung
+    assert plan.rung == rung and [r.rung for r in plan.rejected][-1:] != [rung]
     notes = apply_memory_plan(placed, get_family(family), plan, "cpu")
     assert notes and rung in notes[0]
     for _ in range(2 if plan.placement == "swap" else 1):  # swap: twice, the cyclic hooks hand over again
@@ -266,8 +274,10 @@ def test_swap_hooks_are_chained_in_a_cycle():
     te_prev = components["text_encoder"]._hf_hook.prev_module_hook
     unet_prev = components["unet"]._hf_hook.prev_module_hook
     assert {id(h.model) for h in te_prev.handles} == {id(components["unet"]), id(components["vae"])}
-    assert {id(h.model) for h in unet_prev.handles} == {id(components["text_encoder"]), id(components["text_encoder_2"])}
-    assert components["vae"]._hf_hook.prev_module_hook is None and components["text_encoder_2"]._hf_hook.prev_module_hook is None
+    encoders = {id(components["text_encoder"]), id(components["text_encoder_2"])}
+    assert {id(h.model) for h in unet_prev.handles} == encoders
+    assert components["vae"]._hf_hook.prev_module_hook is None  # same group as the UNet
+    assert components["text_encoder_2"]._hf_hook.prev_module_hook is None
     scope = encode_scope(components, plan)
     assert scope is not None
     with scope():

@@ -96,15 +96,17 @@ class MemoryBudget:
 
 def detect_budget(device: torch.device | str, max_memory: int | str | None = None,
                   max_host_memory: int | str | None = None) -> MemoryBudget:
-    """Explicit `max_memory` wins; else the free memory the device reports now (CUDA `mem_get_info`, MPS'
-    recommended working set minus what the driver holds, available RAM for the CPU). Host: available RAM."""
+    """Explicit `max_memory` wins; else the free memory the device reports now (CUDA `mem_get_info` plus what torch's
+    caching allocator holds unused, MPS' recommended working set minus what the driver holds, available RAM for the
+    CPU). Host: available RAM. Memory held by models already loaded is not free: the caller accounts for them."""
     device = torch.device(device)
     host = parse_memory(max_host_memory) if max_host_memory is not None else _available_ram()
     if max_memory is not None:
         return MemoryBudget(parse_memory(max_memory), host, device.type, "max_memory")
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return MemoryBudget(int(free), host, "cuda", "detected")
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # torch reuses these
+        return MemoryBudget(int(free + cached), host, "cuda", "detected")
     if device.type == "mps":
         free = torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
         return MemoryBudget(int(free), host, "mps", "detected")
@@ -638,6 +640,7 @@ def _build_ladder() -> tuple[Rung, ...]:
 LADDER: tuple[Rung, ...] = _build_ladder()
 RUNGS: dict[str, Rung] = {r.name: r for r in LADDER}
 STORAGE_DEVICES = {"nf4": ("cuda",)}  # bitsandbytes' 4-bit kernels are CUDA-only
+STORAGE_PACKAGES = {"int8": "torchao", "nf4": "bitsandbytes"}  # offered only where the package is installed
 
 
 @dataclass(frozen=True)
@@ -791,7 +794,17 @@ def _allowed(rung: Rung, budget: MemoryBudget, allow_lossy: bool) -> str | None:
     devices = STORAGE_DEVICES.get(rung.storage)
     if devices and budget.device_type not in devices:
         return f"{rung.storage} needs {'/'.join(devices)}"
+    package = STORAGE_PACKAGES.get(rung.storage)
+    if package and not _installed(package):
+        return f"{rung.storage} needs {package} (not installed)"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _installed(package: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
 
 
 def _vae_options(sizes: ModelSizes, request: PlanRequest) -> tuple[bool, bool]:
@@ -802,7 +815,8 @@ def _try(rung: Rung, sizes: ModelSizes, request: PlanRequest, budget: MemoryBudg
          ) -> tuple[_Evaluation, bool, bool, Activations]:
     """Evaluate a rung with the VAE options the size asks for, then add slicing and tiling while it does not fit."""
     tiling, slicing = _vae_options(sizes, request)
-    options = [(tiling, slicing), (tiling, slicing or request.num_images > 1), (True, slicing or request.num_images > 1)]
+    sliced = slicing or request.num_images > 1
+    options = [(tiling, slicing), (tiling, sliced), (True, sliced)]
     if not sizes.by_role("vae"):
         options = [(False, False)]
     result = None
@@ -818,7 +832,8 @@ def _try(rung: Rung, sizes: ModelSizes, request: PlanRequest, budget: MemoryBudg
 
 def _fits(ev: _Evaluation, budget: MemoryBudget) -> str | None:
     if ev.peak > budget.device_bytes:
-        return (f"peak {format_bytes(ev.peak)} ({ev.stage}: weights {format_bytes(ev.peak - ev.activation - RESERVE_BYTES)}"
+        weights = ev.peak - ev.activation - RESERVE_BYTES
+        return (f"peak {format_bytes(ev.peak)} ({ev.stage}: weights {format_bytes(weights)}"
                 f" + activations {format_bytes(ev.activation)} + reserve {format_bytes(RESERVE_BYTES)}) > "
                 f"{format_bytes(budget.device_bytes)}")
     if budget.host_bytes is not None and budget.device_type != "cpu" and ev.host > budget.host_bytes:
@@ -847,25 +862,45 @@ def plan_memory(sizes: ModelSizes, request: PlanRequest, budget: MemoryBudget, *
             if smallest is None or ev.peak < smallest[0]:
                 smallest = (ev.peak, rung.name, ev.host)
             continue
-        return MemoryPlan(rung=rung.name, placement=rung.placement.kind, storage=rung.storage, lossy=rung.lossy,
-                          components=ev.components, weights_bytes=ev.weights, resident_bytes=ev.resident,
-                          activation_bytes=ev.activation, peak_bytes=ev.peak, peak_stage=ev.stage,
-                          host_bytes=ev.host, budget=budget, vae_tiling=tiling, vae_slicing=slicing,
-                          request=request, sizes=sizes, allow_lossy=allow_lossy, rejected=tuple(rejected))
-    needed, rung_name, host = smallest if smallest is not None else (0, "", 0)
+        return _make_plan(rung, ev, tiling, slicing, sizes, request, budget, allow_lossy, rejected)
+    if smallest is None:
+        raise InsufficientMemoryError(f"{sizes.model}: no memory plan from {LADDER[first].name} down is allowed here "
+                                      f"({budget.device_type}{'' if allow_lossy else ', lossy storage not allowed'})",
+                                      budget_bytes=budget.device_bytes)
+    needed, rung_name, host = smallest
     host_note = ""
     if budget.host_bytes is not None and budget.device_type != "cpu" and host > budget.host_bytes:
         host_note = f" and {format_bytes(host)} of host RAM"
     hint = ""
     if not allow_lossy:
         for r in LADDER:
-            if r.lossy and _allowed(r, budget, True) is None and _fits(_try(r, sizes, request, budget)[0], budget) is None:
+            if not r.lossy or _allowed(r, budget, True) is not None:
+                continue
+            if _fits(_try(r, sizes, request, budget)[0], budget) is None:
                 hint = f"; with allow_lossy, {r.name} would fit"
                 break
     raise InsufficientMemoryError(
         f"{sizes.model} at {request.describe()}: no memory plan fits {budget.describe()}; the smallest ({rung_name}) "
         f"needs {format_bytes(needed)} of device memory{host_note}{hint}", needed_bytes=needed,
         budget_bytes=budget.device_bytes)
+
+
+def _make_plan(rung: Rung, ev: _Evaluation, tiling: bool, slicing: bool, sizes: ModelSizes, request: PlanRequest,
+               budget: MemoryBudget, allow_lossy: bool, rejected: Sequence[Rejection]) -> MemoryPlan:
+    return MemoryPlan(rung=rung.name, placement=rung.placement.kind, storage=rung.storage, lossy=rung.lossy,
+                      components=ev.components, weights_bytes=ev.weights, resident_bytes=ev.resident,
+                      activation_bytes=ev.activation, peak_bytes=ev.peak, peak_stage=ev.stage, host_bytes=ev.host,
+                      budget=budget, vae_tiling=tiling, vae_slicing=slicing, request=request, sizes=sizes,
+                      allow_lossy=allow_lossy, rejected=tuple(rejected))
+
+
+def plan_at(sizes: ModelSizes, request: PlanRequest, budget: MemoryBudget, rung_name: str) -> MemoryPlan:
+    """The plan of one named rung whether or not it fits (a forced `memory_plan=`, or tests of the hooks with the
+    CPU as onload device); the rungs above it are listed as passed over."""
+    rung = RUNGS[rung_name]
+    ev, tiling, slicing, _ = _try(rung, sizes, request, budget)
+    above = [Rejection(r.name, 0, 0, f"passed over: {rung.name} was asked for") for r in LADDER[:LADDER.index(rung)]]
+    return _make_plan(rung, ev, tiling, slicing, sizes, request, budget, rung.lossy, above)
 
 
 def next_plan(plan: MemoryPlan, *, budget: MemoryBudget | None = None) -> MemoryPlan:

@@ -60,7 +60,8 @@ def apply_fp8_storage(module: torch.nn.Module) -> str:
     if isinstance(module, ModelMixin):
         module.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
     else:  # transformers encoders: the same hook, with the skip patterns ModelMixin would add
-        apply_layerwise_casting(module, torch.float8_e4m3fn, compute, skip_modules_pattern=_layerwise_skip_patterns(module))
+        apply_layerwise_casting(module, torch.float8_e4m3fn, compute,
+                                skip_modules_pattern=_layerwise_skip_patterns(module))
     return f"fp8 storage, {str(compute).removeprefix('torch.')} compute"
 
 
@@ -179,6 +180,8 @@ def apply_memory_plan(components: Mapping[str, Any], family: FamilySpec, plan: M
     """Apply `plan` to host-resident components: lossy storage first, then placement, then the VAE switches.
     Returns notes for the optimization report. Hooks of an earlier plan are removed first."""
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # accelerate compares devices with their index
     modules = _modules(components)
     notes = reset_placement(components, quiet=True)
     if plan.lossy:
