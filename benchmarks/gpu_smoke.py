@@ -30,6 +30,7 @@ import importlib.util
 import json
 import math
 import platform
+import shutil
 import signal
 import sys
 import tempfile
@@ -324,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             case.report.append({"name": "traceback", "status": "", "detail": traceback.format_exc()[-4000:]})
         print(f"  {case.status} {case.reason}", flush=True)
 
+    shutil.rmtree(scratch, ignore_errors=True)
     elapsed = time.perf_counter() - started
     counts = {s: sum(c.status == s for c in cases) for s in ("ok", "failed", "crashed", "timeout", "skipped")}
     out = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
