@@ -470,17 +470,18 @@ class ActivationSpec:
     VAE decoder: at full resolution it holds `decode_live` maps of `decode_width` channels (the upsampled 256-channel
     map, its GroupNorm and activation, before the last block narrows to 128), and its mid-block attention runs over
     latent pixels with one head (scores only without a fused kernel).
-    Text encoders: tokens x hidden x `text_live` per prompt (T5-XXL at 512 tokens: ~0.1 GB; CLIP: a few MiB).
+    Text encoders: tokens x hidden x `text_live` per prompt (T5-XXL at 512 tokens: 0.05 GB; CLIP: a few MiB).
     Widths and head counts are read from each component's config (`SHAPES`), so a tiny or a retrained variant is
     estimated at its own widths; the numbers in this table are the fallback for configs `SHAPES` does not know.
 
     Where the numbers come from (1 image, bf16):
     - SD 1.5 (512x512): level 0 is 64x64 latent pixels x 320 channels with attention (8 heads over 4096 tokens).
       The up path concatenates 640+320 channels, GroupNorm copies, GEGLU's 8x-wide hidden (~12 units) and the skip
-      stack of all down outputs (~5.5 units of 320 channels at level 0): `live` 20 -> 0.26 GB per CFG element.
+      stack of all down outputs (~5.5 units of 320 channels at level 0): `live` 20 -> 0.05 GB per CFG element;
+      without a fused kernel the level-0 scores add 2 x 8 x 4096^2 x 2 B = 0.54 GB.
     - SDXL (1024x1024): level 0 (128x128 x 320) has no attention; attention starts at 64x64 x 640 (10 heads) and the
       1280-wide level has 10 transformer layers. Skip stack ~5.5 units + up-path concat/GroupNorm ~8 units + the
-      attention level's GEGLU (~2.5 units): `live` 16 -> 0.17 GB per CFG element; scores without flash 0.34 GB.
+      attention level's GEGLU (~2.5 units): `live` 16 -> 0.17 GB per CFG element; scores without flash 0.67 GB.
     - FLUX (1024x1024): 4096 image + 512 text tokens x 3072. A single-stream block holds the input, its norm, QKV
       (3x), the MLP (4x) and its GELU (4x), and the 5x-wide concat before the output projection: `live` 20 ->
       0.57 GB; 24 heads of scores without flash: 2 x 24 x 4608^2 x 2 B = 2.0 GB.
