@@ -140,6 +140,7 @@ class LoraManager:
         self._snapshot: dict[torch.nn.Parameter, torch.Tensor] = {}
         self.swaps = 0
         self.recompiling_loads = 0  # adapters a compiled model had to take outside its slots
+        self._refuse = False  # fuse q/k/v again when the adapters are gone
         for slot in self.prepared:
             self.loaded[slot] = EMPTY
 
@@ -171,7 +172,11 @@ class LoraManager:
     def _unfuse_projections(self) -> int:
         from .compiler.layout import unfuse_qkv  # the compiler imports this module (request schemas)
 
-        return unfuse_qkv(self.denoiser)
+        split = unfuse_qkv(self.denoiser)
+        # An eager model is fused again once its adapters are unloaded (a compiled one keeps the layout it was
+        # compiled with: its slots sit on the separate layers).
+        self._refuse = self._refuse or bool(split and not self.hotswap)
+        return split
 
     def unload(self) -> None:
         """Remove every adapter: the base model is exactly what it was before any LoRA. Prepared slots stay (a
@@ -184,6 +189,11 @@ class LoraManager:
             self._zero_slots()
         elif self.loaded:
             self.pipe.unload_lora_weights()
+        if self._refuse and not self._lora_layers():
+            from .compiler.layout import fuse_qkv
+
+            fuse_qkv(self.denoiser)
+            self._refuse = False
         self.loaded = {slot: EMPTY for slot in self.prepared}
         self.active = ()
         self.streak = 0
@@ -250,7 +260,8 @@ class LoraManager:
                     # afresh in the slot's place; correct, but the compiled code recompiles once.
                     log.warning("LoRA %s cannot be hot-swapped into %s (%s); loading it afresh (recompiles)",
                                 lora.file.name, slot, e)
-                    self.pipe.delete_adapters(slot)
+                    if slot in self._all_adapters():
+                        self.pipe.delete_adapters(slot)
                     del self.loaded[slot]
             self._load_new_slot(lora, slot, i)
         slots = sorted(self.loaded)

@@ -28,15 +28,19 @@ def apply_fuse_qkv(ctx: PassContext) -> None:
     fused, unable = [], []
     for name, module in ctx.modules(ctx.family.denoiser, "vae"):
         if hasattr(module, "fuse_qkv_projections"):
-            module.fuse_qkv_projections()
-            dropped = drop_unfused_projections(module)
-            fused.append(f"{name} ({dropped} separate projections dropped)")
+            fused.append(f"{name} ({fuse_qkv(module)} separate projections dropped)")
         else:
             unable.append(name)
     if fused:
         ctx.report.applied("fuse_qkv", "fused q/k/v projections in " + ", ".join(fused))
     else:
         ctx.report.skipped("fuse_qkv", "no component supports fused projections: " + ", ".join(unable))
+
+
+def fuse_qkv(model: torch.nn.Module) -> int:
+    """Fuse with diffusers, then drop the separate layers; returns how many were dropped."""
+    model.fuse_qkv_projections()
+    return drop_unfused_projections(model)
 
 
 def drop_unfused_projections(model: torch.nn.Module) -> int:

@@ -2,7 +2,7 @@
 receives is swapped into code that already runs it (no recompile), as every later one is.
 
 A slot is a PEFT LoRA adapter of rank `lora_hotswap_rank` with zero weights on every linear layer of the repeated
-blocks (the regions `compile` compiles), with its scaling held in a tensor (peft's `prepare_model_for_compiled_hotswap`).
+blocks (the regions `compile` compiles), its scaling held in a tensor (peft's `prepare_model_for_compiled_hotswap`).
 Until a LoRA arrives its contribution is an exact zero. The slots sit on the separate q/k/v projections, so a denoiser
 the fuse_qkv pass fused is split back first: a compiled model that takes LoRAs runs unfused projections.
 Runs before the backend pass (placement and export capture the final modules) and after quant (a quantized denoiser
