@@ -196,7 +196,7 @@ def group_block_modules(module: torch.nn.Module) -> tuple[str, ...] | None:
     return tuple(names) if names else None
 
 
-def _layerwise_skip_patterns(module: torch.nn.Module) -> tuple[str, ...]:
+def layerwise_skip_patterns(module: torch.nn.Module) -> tuple[str, ...]:
     """The skip patterns `ModelMixin.enable_layerwise_casting` uses: defaults + the class's own + fp32 modules."""
     from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 
@@ -245,7 +245,7 @@ def count_module(module: torch.nn.Module) -> ComponentCounts:
     buffers = [b for b in module.buffers()]
     float_buffers = sum(b.numel() for b in buffers if b.is_floating_point())
     fixed = sum(b.numel() * b.element_size() for b in buffers if not b.is_floating_point())
-    skip = [re.compile(p) for p in _layerwise_skip_patterns(module)]
+    skip = [re.compile(p) for p in layerwise_skip_patterns(module)]
     castable, linear_weights, linear_rows, seen = 0, 0, 0, set()
     for name, sub in module.named_modules():
         if isinstance(sub, _GO_LC_SUPPORTED_PYTORCH_LAYERS) and not any(p.search(name) for p in skip):
@@ -285,7 +285,7 @@ def _storage_bytes(counts: ComponentCounts, itemsize: int, role: str) -> dict[st
     }
 
 
-def _role(name: str, family: FamilySpec) -> str:
+def component_role(name: str, family: FamilySpec) -> str:
     if name == family.denoiser:
         return "denoiser"
     if name.startswith("text_encoder"):
@@ -345,7 +345,7 @@ def size_components(model: str, family: FamilySpec | str, counts: Mapping[str, C
     for name, c in counts.items():
         dt = rule(name, c.class_name, c.config)
         itemsize = torch.empty((), dtype=dt).element_size()
-        role = _role(name, family)
+        role = component_role(name, family)
         storage = _storage_bytes(c, itemsize, role)
         width, heads = _shape(c)
         sizes.append(ComponentSize(name, role, c.class_name, DTYPE_NAMES.get(dt, str(dt)), c.params,
@@ -720,7 +720,7 @@ class MemoryPlan:
         return out
 
 
-def _swap_groups(placement: Placement, sizes: ModelSizes) -> list[list[ComponentSize]]:
+def swap_groups(placement: Placement, sizes: ModelSizes) -> list[list[ComponentSize]]:
     """Components in pipeline order, grouped by the placement's roles (an upscaler counts as the denoiser)."""
     order = sizes.by_role("text_encoder") + sizes.by_role("denoiser", "upsampler") + sizes.by_role("vae")
     if not placement.groups:
@@ -759,7 +759,7 @@ def _evaluate(rung: Rung, sizes: ModelSizes, acts: Activations, budget: MemoryBu
             on_device[c.name] = total
             placed[c.name] = ("device", stored[c.name])
     elif kind == "swap":
-        groups = _swap_groups(rung.placement, sizes)
+        groups = swap_groups(rung.placement, sizes)
         for i, group in enumerate(groups):
             weight = sum(stored[c.name] for c in group)
             for c in group:

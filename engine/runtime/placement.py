@@ -24,19 +24,21 @@ from accelerate.hooks import UserCpuOffloadHook
 
 from ..errors import ModelLoadError
 from ..families import FamilySpec
-from .memory import LOSSY_ROLES, RUNGS, MemoryPlan, _layerwise_skip_patterns, _swap_groups, group_block_modules
+from .memory import (
+    LOSSY_ROLES,
+    RUNGS,
+    MemoryPlan,
+    component_role,
+    group_block_modules,
+    layerwise_skip_patterns,
+    swap_groups,
+)
 
 TEXT_ENCODER_PREFIX = "text_encoder"
 
 
 def _modules(components: Mapping[str, Any]) -> dict[str, torch.nn.Module]:
     return {k: v for k, v in components.items() if isinstance(v, torch.nn.Module)}
-
-
-def _role(name: str, family: FamilySpec) -> str:
-    if name == family.denoiser:
-        return "denoiser"
-    return "text_encoder" if name.startswith(TEXT_ENCODER_PREFIX) else name
 
 
 def _compute_dtype(module: torch.nn.Module) -> torch.dtype:
@@ -61,7 +63,7 @@ def apply_fp8_storage(module: torch.nn.Module) -> str:
         module.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
     else:  # transformers encoders: the same hook, with the skip patterns ModelMixin would add
         apply_layerwise_casting(module, torch.float8_e4m3fn, compute,
-                                skip_modules_pattern=_layerwise_skip_patterns(module))
+                                skip_modules_pattern=layerwise_skip_patterns(module))
     return f"fp8 storage, {str(compute).removeprefix('torch.')} compute"
 
 
@@ -123,7 +125,7 @@ class GroupOffloadHandle(UserCpuOffloadHook):
 def _place_swap(modules: dict[str, torch.nn.Module], plan: MemoryPlan, device: torch.device) -> list[str]:
     from accelerate import cpu_offload_with_hook
 
-    groups = [[c.name for c in g if c.name in modules] for g in _swap_groups(RUNGS[plan.rung].placement, plan.sizes)]
+    groups = [[c.name for c in g if c.name in modules] for g in swap_groups(RUNGS[plan.rung].placement, plan.sizes)]
     groups = [g for g in groups if g]
     extra = [n for n in modules if not any(n in g for g in groups)]  # unsized components ride with the last group
     if extra:
@@ -186,7 +188,7 @@ def apply_memory_plan(components: Mapping[str, Any], family: FamilySpec, plan: M
     notes = reset_placement(components, quiet=True)
     if plan.lossy:
         applier = STORAGE_APPLIERS[plan.storage]
-        done = [f"{name} {applier(m)}" for name, m in modules.items() if _role(name, family) in LOSSY_ROLES]
+        done = [f"{name} {applier(m)}" for name, m in modules.items() if component_role(name, family) in LOSSY_ROLES]
         notes.append(f"storage {plan.storage}: " + "; ".join(done))
     notes += PLACERS[plan.placement](modules, plan, device)
     vae = components.get("vae")
