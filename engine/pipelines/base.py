@@ -116,12 +116,20 @@ def tokenize(tokenizer: Any, prompts: list[str], max_length: int, what: str) -> 
     return ids
 
 
-def module_device(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
+# Dtypes weights may be stored in but never computed in (fp8 layerwise-casting storage upcasts per layer).
+STORAGE_ONLY_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def module_dtype(module: torch.nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
+    """The dtype a component computes in: its first floating parameter's, skipping storage-only dtypes (fp8
+    storage keeps norms and embeddings in the compute dtype; quantized tensors report their original dtype)."""
+    first = None
+    for p in module.parameters():
+        if p.is_floating_point():
+            if p.dtype not in STORAGE_ONLY_DTYPES:
+                return p.dtype
+            first = first or p.dtype
+    return first or torch.float32
 
 
 class TextToImagePipeline:
@@ -146,7 +154,9 @@ class TextToImagePipeline:
         generator = seeded_generator(params.seed)
         start = time.perf_counter()
         scope = self.run_context() if self.run_context is not None else contextlib.nullcontext()
-        with torch.inference_mode(), scope:
+        # no_grad, as diffusers' pipelines: offload hooks move weights inside the call, and moving tensor-subclass
+        # weights (torchao, layerwise casting) swaps tensors, which inference mode forbids.
+        with torch.no_grad(), scope:
             with timer.stage("encode"):
                 cond = self._encode_cached(params)
             with timer.stage("denoise"):

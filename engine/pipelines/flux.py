@@ -20,7 +20,6 @@ from .base import (
     TextToImagePipeline,
     draw_noise,
     fresh_scheduler,
-    module_device,
     module_dtype,
     tokenize,
 )
@@ -74,10 +73,10 @@ class FluxEnginePipeline(TextToImagePipeline):
 
     def _encode_one(self, prompt: str, max_sequence_length: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids = tokenize(self.tokenizer, [prompt], self.tokenizer.model_max_length, "the CLIP text encoder")
-        pooled = self.text_encoder(ids.to(module_device(self.text_encoder)), output_hidden_states=False).pooler_output
+        pooled = self.text_encoder(ids.to(self.device), output_hidden_states=False).pooler_output
         pooled = pooled.to(dtype=module_dtype(self.text_encoder), device=self.device)
         ids2 = tokenize(self.tokenizer_2, [prompt], max_sequence_length, "the T5 text encoder")
-        seq = self.text_encoder_2(ids2.to(module_device(self.text_encoder_2)), output_hidden_states=False)[0]
+        seq = self.text_encoder_2(ids2.to(self.device), output_hidden_states=False)[0]
         seq = seq.to(dtype=module_dtype(self.text_encoder_2), device=self.device)
         return seq.repeat_interleave(n, dim=0), pooled.repeat_interleave(n, dim=0)
 
@@ -151,5 +150,5 @@ class FluxEnginePipeline(TextToImagePipeline):
         latents = unpack_latents(latents, h, w)
         config = self.vae.config
         latents = latents / config.scaling_factor + (config.shift_factor or 0.0)
-        latents = latents.to(device=module_device(self.vae), dtype=module_dtype(self.vae))
+        latents = latents.to(device=self.device, dtype=module_dtype(self.vae))
         return self._to_pil(self.vae.decode(latents, return_dict=False)[0])

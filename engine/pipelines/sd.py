@@ -18,7 +18,6 @@ from .base import (
     draw_noise,
     extra_step_kwargs,
     fresh_scheduler,
-    module_device,
     module_dtype,
     tokenize,
 )
@@ -59,8 +58,8 @@ class StableDiffusionEnginePipeline(TextToImagePipeline):
         mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             mask = self.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
-                                  return_tensors="pt").attention_mask.to(module_device(self.text_encoder))
-        out = self.text_encoder(ids.to(module_device(self.text_encoder)), attention_mask=mask)[0]
+                                  return_tensors="pt").attention_mask.to(self.device)
+        out = self.text_encoder(ids.to(self.device), attention_mask=mask)[0]
         return out.to(dtype=module_dtype(self.text_encoder), device=self.device)
 
     def encode(self, params: GenerationParams) -> dict[str, Any]:
@@ -123,7 +122,7 @@ class StableDiffusionEnginePipeline(TextToImagePipeline):
         return latents / config.scaling_factor
 
     def decode(self, params: GenerationParams, latents: torch.Tensor) -> list[Image.Image]:
-        latents = self.unscale_latents(latents).to(device=module_device(self.vae), dtype=module_dtype(self.vae))
+        latents = self.unscale_latents(latents).to(device=self.device, dtype=module_dtype(self.vae))
         decoded = self.vae.decode(latents, return_dict=False)[0]
         return self._to_pil(decoded)
 
@@ -144,7 +143,7 @@ class StableDiffusionXLEnginePipeline(StableDiffusionEnginePipeline):
         hidden, pooled = [], None
         for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
             ids = tokenize(tokenizer, prompts, max_length or tokenizer.model_max_length, "an SDXL text encoder")
-            out = encoder(ids.to(module_device(encoder)), output_hidden_states=True)
+            out = encoder(ids.to(self.device), output_hidden_states=True)
             if pooled is None and out[0].ndim == 2:
                 pooled = out[0]
             hidden.append(out.hidden_states[-2])

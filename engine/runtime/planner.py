@@ -37,22 +37,6 @@ def free_device_memory(device: torch.device) -> None:
         torch.mps.empty_cache()
 
 
-def force_plan(sizes: memory.ModelSizes, request: memory.PlanRequest, budget: memory.MemoryBudget,
-               rung_name: str) -> memory.MemoryPlan:
-    """The plan of one named rung, whether or not the ladder would pick it (offload hooks also run with the CPU as
-    the onload device, which is how they are tested without a GPU); the rungs above it are listed as passed over."""
-    rung = memory.RUNGS[rung_name]
-    ev, tiling, slicing, _ = memory._try(rung, sizes, request, budget)
-    above = [r.name for r in memory.LADDER[:memory.LADDER.index(rung)]]
-    return memory.MemoryPlan(rung=rung.name, placement=rung.placement.kind, storage=rung.storage, lossy=rung.lossy,
-                             components=ev.components, weights_bytes=ev.weights, resident_bytes=ev.resident,
-                             activation_bytes=ev.activation, peak_bytes=ev.peak, peak_stage=ev.stage,
-                             host_bytes=ev.host, budget=budget, vae_tiling=tiling, vae_slicing=slicing,
-                             request=request, sizes=sizes, allow_lossy=rung.lossy,
-                             rejected=tuple(memory.Rejection(n, 0, 0, "passed over: memory_plan forces "
-                                                             f"{rung.name}") for n in above))
-
-
 class Planner:
     """Plans and places the models of one engine (one device, one budget).
 
@@ -93,7 +77,7 @@ class Planner:
     def _plan(self, sizes: memory.ModelSizes, model: str) -> memory.MemoryPlan:
         request = self._request(model, sizes.family)
         if self.forced is not None:
-            return force_plan(sizes, request, self.budget(), self.forced)
+            return memory.plan_at(sizes, request, self.budget(), self.forced)
         return memory.plan_memory(sizes, request, self.budget(), allow_lossy=self.allow_lossy)
 
     def plan_before_load(self, model: str, single_file_config: str | None, policy: Any) -> memory.MemoryPlan | None:
@@ -115,7 +99,7 @@ class Planner:
             for rung in below:
                 devices = memory.STORAGE_DEVICES.get(rung.storage)
                 if (not rung.lossy or self.allow_lossy) and (not devices or self.device.type in devices):
-                    return force_plan(plan.sizes, plan.request, self.budget(), rung.name)
+                    return memory.plan_at(plan.sizes, plan.request, self.budget(), rung.name)
             return None
         try:
             return memory.next_plan(plan, budget=self.budget() if self.max_memory is None else None)
