@@ -220,6 +220,13 @@ class Engine(FalMixin):
             return self._upscaler(model).report
         return self._slot(model).report
 
+    def compile_stats(self, model: str) -> dict[str, Any] | None:
+        """Graphs compiled for `model` so far: jobs, graphs, recompiles and the recompile budget (None when the
+        model is not compiled)."""
+        scope = self._slot(model).pipeline.run_context
+        stats = getattr(scope, "stats", None)
+        return stats.as_dict() if stats is not None else None
+
     def warmup(self, model: str, sizes: list[tuple[int, int]] | None = None, *, num_images: int = 1) -> dict[str, float]:
         """Run one step at each (width, height) so compilation happens now, not in the first user request."""
         slot = self._slot(model)

@@ -26,8 +26,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .api import Engine
 
     overrides = {"backend": args.backend} if args.backend else None
+    from .runtime.planner import engine_memory_kwargs
+
     engine = Engine(device=args.device, opt_level=args.opt_level, compile_config=overrides,
-                    allow_pickle=args.allow_pickle)
+                    allow_pickle=args.allow_pickle, **engine_memory_kwargs(args))
     engine.load(args.model, config=args.config)
     if args.verbose:
         print(engine.optimization_report(args.model))
@@ -152,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "falls back to the next-best with the reason in --verbose)")
     gen.add_argument("--verbose", action="store_true", help="print the optimization report")
     gen.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints (.ckpt/.bin)")
+    from .runtime.planner import add_memory_arguments
+
+    add_memory_arguments(gen)
     gen.set_defaults(func=cmd_generate)
 
     up = sub.add_parser("upscale", help="4x upscale with AuraSR")

@@ -182,3 +182,17 @@ def test_lossy_storage_plans_run_close_to_the_lossless_image(resident_images, mo
     reference = [Image.fromarray(a.astype(np.uint8)) for a in resident_images[("O0", model)]]
     assert psnr(got.images, reference) > 30
     assert any(line.startswith(f"storage {plan.split('+')[0]}") for line in eng.optimization_report(model).memory_plan)
+
+
+def test_cli_generate_takes_the_memory_flags(tmp_path, capsys):
+    from engine.cli import main
+
+    out = tmp_path / "img.png"
+    code = main(["generate", "--model", "tiny-sdxl", "--prompt", "x", "--steps", "2", "--width", "64", "--height",
+                 "64", "--out", str(out), "--memory-plan", "model_offload", "--max-loaded-models", "1", "--verbose"])
+    assert code == 0 and out.is_file()
+    assert "memory plan: model_offload" in capsys.readouterr().out
+    assert main(["generate", "--model", "tiny-sdxl", "--prompt", "x", "--out", str(out), "--max-memory", "lots"]) == 2
+    assert "max_memory" in capsys.readouterr().err
+    assert main(["generate", "--model", "tiny-sdxl", "--prompt", "x", "--out", str(out), "--max-memory", "1MB"]) == 2
+    assert "needs" in capsys.readouterr().err  # no plan fits: the error names the budget needed
