@@ -19,7 +19,7 @@ from .pretrained import fetch_hub_model, folder_family, load_folder, read_model_
 log = logging.getLogger(__name__)
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
 
 
 @dataclass
@@ -83,14 +83,15 @@ def _config_folder(config: str) -> tuple[Path, ModelSpec | None]:
 
 def _from_single_file(key: str, path: Path, dtype: TorchDtype, allow_pickle: bool,
                       config: str | None) -> LoadedModel:
+    from .gguf import is_gguf, load_gguf
     from .single_file import load_single_file
 
     candidates, config_spec, pipeline_config = None, None, {}
     if config is not None:
         folder, config_spec = _config_folder(config)
         candidates, pipeline_config = [folder], _pipeline_config(folder)
-    family_name, components = load_single_file(path, candidates=candidates, allow_pickle=allow_pickle,
-                                               torch_dtype=dtype)
+    load = load_gguf if is_gguf(path) else load_single_file  # GGUF: a quantized FLUX transformer (diffusers' GGUF)
+    family_name, components = load(path, candidates=candidates, allow_pickle=allow_pickle, torch_dtype=dtype)
     family = get_family(family_name)
     spec = config_spec if config_spec is not None and config_spec.family == family.name else None
     return LoadedModel(key=key, family=family, components=components,
