@@ -27,14 +27,31 @@ def apply_fuse_qkv(ctx: PassContext) -> None:
         return
     fused, unable = [], []
     for name, module in ctx.modules(ctx.family.denoiser, "vae"):
-        if hasattr(module, "fuse_qkv_projections"):
-            fused.append(f"{name} ({fuse_qkv(module)} separate projections dropped)")
+        quantized = quantized_projection(module)
+        if not hasattr(module, "fuse_qkv_projections"):
+            unable.append(f"{name} does not support fused projections")
+        elif quantized:
+            unable.append(f"{name}: q/k/v weights are stored quantized ({quantized}); concatenating them would "
+                          "make a plain Linear of the raw storage")
         else:
-            unable.append(name)
+            fused.append(f"{name} ({fuse_qkv(module)} separate projections dropped)")
     if fused:
-        ctx.report.applied("fuse_qkv", "fused q/k/v projections in " + ", ".join(fused))
+        ctx.report.applied("fuse_qkv", "fused q/k/v projections in " + ", ".join(fused)
+                           + (f" ({'; '.join(unable)})" if unable else ""))
     else:
-        ctx.report.skipped("fuse_qkv", "no component supports fused projections: " + ", ".join(unable))
+        ctx.report.skipped("fuse_qkv", "; ".join(unable) or "no component to fuse")
+
+
+def quantized_projection(model: torch.nn.Module) -> str | None:
+    """How the first attention projection whose weight is not a plain float tensor is stored (GGUF blocks, torchao
+    tensors), or None when every q/k/v weight is plain."""
+    for module in model.modules():
+        for part in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+            weight = getattr(getattr(module, part, None), "weight", None)
+            if isinstance(weight, torch.Tensor) and not (
+                    type(weight) in (torch.Tensor, torch.nn.Parameter) and weight.is_floating_point()):
+                return f"{type(weight).__name__} {str(weight.dtype).removeprefix('torch.')}"
+    return None
 
 
 def fuse_qkv(model: torch.nn.Module) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .context import PassContext
-from .layout import unfuse_qkv
+from .layout import quantized_projection, unfuse_qkv
 
 SLOT = "slot0"  # engine/lora.py swaps the first adapter of a request into it
 
@@ -37,6 +37,11 @@ def apply_lora_slots(ctx: PassContext) -> None:
     if ctx.config.backend != "torch":
         ctx.report.skipped("lora_slots", f"the {ctx.family.denoiser} is exported to {ctx.config.backend}, which "
                            "cannot take LoRA adapters")
+        return
+    stored = quantized_projection(ctx.denoiser)
+    if stored:
+        ctx.report.skipped("lora_slots", f"the denoiser's weights are stored quantized ({stored}): a LoRA loads "
+                           "without slots and recompiles")
         return
     if ctx.state.get("quant"):
         ctx.report.skipped("lora_slots", f"{ctx.state['quant']}-quantized denoiser: peft cannot hot-swap into "
