@@ -43,6 +43,12 @@ def apply_quant(ctx: PassContext) -> None:
         ctx.report.skipped("quant", "torchao is not installed (pip install torchao)")
         return
     model = ctx.denoiser
+    from ..runtime.memory import is_prequantized
+
+    if is_prequantized(model):
+        ctx.report.skipped("quant", f"{kind}: {type(model).__name__} was loaded quantized (GGUF / NF4); its weights "
+                           "are not quantized twice")
+        return
     count = sum(1 for fqn, m in model.named_modules() if _is_linear(m, fqn))
     quantize_(model, _torchao_config(kind), filter_fn=_is_linear)
     ctx.state["quant"] = kind

@@ -137,6 +137,7 @@ class ComponentCounts:
     group_max: int  # largest block group
     group_pair: int  # largest two consecutive groups (the next one is prefetched on a CUDA stream)
     config: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    prequantized: bool = False  # loaded quantized (GGUF, NF4): stored as is under every plan
 
 
 @dataclass(frozen=True)
@@ -241,10 +242,13 @@ def count_module(module: torch.nn.Module) -> ComponentCounts:
     """Counts of a module on any device (meta included)."""
     from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS
 
-    params = _unique_numel(module.parameters(), set())
+    seen_params: set[int] = set()
+    params = _unique_numel((p for p in module.parameters() if p.is_floating_point()), seen_params)
+    # Pre-quantized weights (GGUF, bitsandbytes) are integer tensors: their bytes as stored, not a dtype's multiple.
+    quantized = [p for p in module.parameters() if not p.is_floating_point() and id(p) not in seen_params]
     buffers = [b for b in module.buffers()]
     float_buffers = sum(b.numel() for b in buffers if b.is_floating_point())
-    fixed = sum(b.numel() * b.element_size() for b in buffers if not b.is_floating_point())
+    fixed = sum(b.numel() * b.element_size() for b in [*buffers, *quantized] if not b.is_floating_point())
     skip = [re.compile(p) for p in layerwise_skip_patterns(module)]
     castable, linear_weights, linear_rows, seen = 0, 0, 0, set()
     for name, sub in module.named_modules():
@@ -258,7 +262,14 @@ def count_module(module: torch.nn.Module) -> ComponentCounts:
     config = getattr(module, "config", None)
     config = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
     return ComponentCounts(type(module).__name__, params, float_buffers, fixed, castable, linear_weights,
-                           linear_rows, always, max(groups, default=0), pair, config)
+                           linear_rows, always, max(groups, default=0), pair, config,
+                           prequantized=is_prequantized(module))
+
+
+def is_prequantized(module: torch.nn.Module) -> bool:
+    """Loaded already quantized (GGUF, bitsandbytes): no further storage change or quantization applies to it."""
+    return getattr(module, "hf_quantizer", None) is not None or any(
+        not p.is_floating_point() for p in module.parameters())
 
 
 # Bytes per stored element of each lossy storage, and what it adds per packed row / per block: fp8 layerwise casting
@@ -275,7 +286,7 @@ LOSSY_ROLES = ("denoiser", "text_encoder")  # the VAE stays in its dtype under e
 
 def _storage_bytes(counts: ComponentCounts, itemsize: int, role: str) -> dict[str, int]:
     full = (counts.params + counts.float_buffers) * itemsize + counts.fixed_bytes
-    if role not in LOSSY_ROLES:
+    if role not in LOSSY_ROLES or counts.prequantized:
         return {"compute": full}
     return {
         "compute": full,

@@ -30,6 +30,7 @@ from .memory import (
     MemoryPlan,
     component_role,
     group_block_modules,
+    is_prequantized,
     layerwise_skip_patterns,
     swap_groups,
 )
@@ -188,7 +189,8 @@ def apply_memory_plan(components: Mapping[str, Any], family: FamilySpec, plan: M
     notes = reset_placement(components, quiet=True)
     if plan.lossy:
         applier = STORAGE_APPLIERS[plan.storage]
-        done = [f"{name} {applier(m)}" for name, m in modules.items() if component_role(name, family) in LOSSY_ROLES]
+        done = [f"{name} {applier(m) if not is_prequantized(m) else 'kept as loaded (pre-quantized)'}"
+                for name, m in modules.items() if component_role(name, family) in LOSSY_ROLES]
         notes.append(f"storage {plan.storage}: " + "; ".join(done))
     notes += PLACERS[plan.placement](modules, plan, device)
     vae = components.get("vae")
