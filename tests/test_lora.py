@@ -124,7 +124,7 @@ def test_stable_set_is_fused_and_unfusing_is_exact(loras):
 
 def test_hot_swap_on_compiled_model_does_not_recompile(loras):
     eng = Engine(device="cpu", compile_config={"compile": True})
-    eng.generate(**KW)
+    base = arr(eng.generate(**KW))
     graphs = compile_counters()["unique_graphs"]
     eng.generate(**KW, loras=[{"path": str(loras["a"])}])
     assert compile_counters()["unique_graphs"] == graphs, "the first LoRA recompiled (no slot prepared?)"
@@ -135,6 +135,9 @@ def test_hot_swap_on_compiled_model_does_not_recompile(loras):
     fresh = Engine(device="cpu").generate(**KW, loras=[{"path": str(loras["b"]), "scale": 0.9}])
     ok, frac = images_close(fresh.images, swapped.images)
     assert ok, frac
+    eng.unload_loras("tiny-sdxl")  # the slot stays, zeroed: the base image exactly, in the same compiled code
+    assert np.array_equal(arr(eng.generate(**KW)), base)
+    assert compile_counters()["unique_graphs"] == graphs
 
 
 def test_bad_loras_give_clear_errors_and_leave_base_unchanged(loras, tmp_path):
