@@ -277,6 +277,8 @@ class Engine(FalMixin):
             raise InvalidRequestError("loras", f"the {denoiser} of {request.model} runs as an exported "
                                       f"{slot.exported[denoiser]} graph, which cannot take LoRA adapters; load it "
                                       "with backend='torch' to use LoRAs")
+        if request.loras:
+            self._check_lora_compatible(request.model, slot)
         # Fetch adapters before taking the device: a download must not hold up other jobs.
         loras = [resolve_lora(spec, i, allow_private_urls=self.allow_private_urls) for i, spec in enumerate(request.loras)]
         params = dataclasses.replace(params, lora_key=tuple((lo.sha256, lo.scale) for lo in loras))
@@ -295,6 +297,19 @@ class Engine(FalMixin):
         return Result(images=out.images, seed=params.seed, timings=out.timings, model=request.model,
                       width=params.width, height=params.height, num_inference_steps=params.num_inference_steps,
                       guidance_scale=params.guidance_scale, prompt=params.prompt)
+
+    @staticmethod
+    def _check_lora_compatible(model: str, slot: _Slot) -> None:
+        """Adapters need float weights to split and wrap: refuse (422) what would otherwise fail inside PEFT."""
+        reasons = []
+        if slot.report.status("quant") == "applied":
+            reasons.append(f"the compiler quantized its weights ({'; '.join(slot.report.details('quant'))}); load it "
+                           "with compile_config={'quant': 'none'}")
+        if getattr(slot.plan, "storage", None) == "fp8":
+            reasons.append(f"its memory plan {slot.plan.rung} stores the weights in fp8; use a plan without fp8 "
+                           "storage (more memory, or memory_plan=...)")
+        if reasons:
+            raise InvalidRequestError("loras", f"{model} cannot take LoRA adapters: " + "; ".join(reasons))
 
     def _run(self, slot: _Slot, loras: list[Any], params: GenerationParams,
              step_callback: StepCallback | None) -> Any:

@@ -196,3 +196,22 @@ def test_cli_generate_takes_the_memory_flags(tmp_path, capsys):
     assert "max_memory" in capsys.readouterr().err
     assert main(["generate", "--model", "tiny-sdxl", "--prompt", "x", "--out", str(out), "--max-memory", "1MB"]) == 2
     assert "needs" in capsys.readouterr().err  # no plan fits: the error names the budget needed
+
+
+def test_lora_on_weights_it_cannot_wrap_is_a_clear_422(tmp_path):
+    """fp8 storage (layerwise casting) and the compiler's torchao quantization leave no float weights for PEFT;
+    int8 storage of a memory plan still takes adapters."""
+    from engine.testing import random_lora
+
+    lora = [{"path": str(random_lora("tiny-sdxl", tmp_path / "lora.safetensors")), "scale": 1.0}]
+    fp8 = Engine(device="cpu", memory_plan="fp8+resident", allow_lossy_memory=True)
+    with pytest.raises(InvalidRequestError, match="fp8") as e:
+        fp8.generate(model="tiny-sdxl", loras=lora, **ARGS)
+    assert e.value.http_status == 422 and e.value.field == "loras"
+    quantized = Engine(device="cpu", compile_config={"quant": "int8_weight_only"})
+    with pytest.raises(InvalidRequestError, match="quant"):
+        quantized.generate(model="tiny-sdxl", loras=lora, **ARGS)
+    assert quantized.generate(model="tiny-sdxl", **ARGS).images  # still usable
+    int8 = Engine(device="cpu", memory_plan="int8+resident", allow_lossy_memory=True)
+    plain = _pixels(int8.generate(model="tiny-sdxl", **ARGS))
+    assert not np.array_equal(_pixels(int8.generate(model="tiny-sdxl", loras=lora, **ARGS)), plain)
