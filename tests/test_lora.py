@@ -317,3 +317,15 @@ def test_fused_model_holds_each_weight_once_and_loras_unfuse_it(family, tmp_path
     fused.unload_loras(model)  # no adapters left: fused again, the same image as before any LoRA
     assert sum(1 for m in fused_net.modules() if getattr(m, SPLITS_ATTR, None)) == len(attns)
     assert np.array_equal(arr_of(fused.generate(model=model, **kw).images), arr_of(base))
+
+
+def test_lora_slots_can_be_turned_off_to_keep_fused_projections():
+    from engine.compiler import CompileConfig, optimize
+    from engine.loading import load_model
+
+    loaded = load_model("tiny-flux")
+    report, _ = optimize(loaded.components, loaded.family, torch.device("cpu"),
+                         CompileConfig(fuse_qkv=True, compile=True, lora_slots=False))
+    assert report.status("lora_slots") == "skipped" and "lora_slots=False" in report.details("lora_slots")[0]
+    attn = loaded.components["transformer"].transformer_blocks[0].attn
+    assert getattr(attn, "fused_projections", False) and not hasattr(attn, "to_q")

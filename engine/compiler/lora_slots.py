@@ -31,6 +31,10 @@ def slot_targets(model: torch.nn.Module) -> list[str]:
 
 
 def apply_lora_slots(ctx: PassContext) -> None:
+    if not ctx.config.lora_slots:
+        ctx.report.skipped("lora_slots", "disabled in config (lora_slots=False): projections stay fused; a first "
+                           "LoRA loads without a slot and recompiles")
+        return
     if not ctx.config.compile:
         ctx.report.skipped("lora_slots", "not compiled: adapters are injected when a request brings one")
         return
