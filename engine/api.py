@@ -218,7 +218,9 @@ class Engine(FalMixin):
         spec = find_spec(model)
         if spec is not None and spec.family_spec.task == "upscale":
             return self._upscaler(model).report
-        return self._slot(model).report
+        slot = self._slot(model)
+        slot.report.compile_stats = self.compile_stats(model)
+        return slot.report
 
     def compile_stats(self, model: str) -> dict[str, Any] | None:
         """Graphs compiled for `model` so far: jobs, graphs, recompiles and the recompile budget (None when the

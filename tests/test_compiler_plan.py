@@ -204,6 +204,9 @@ def test_recompiles_across_three_resolutions_stay_within_budget():
     assert stats.recompiles <= stats.budget == 8
     assert stats.recompiles == 0, stats.as_dict()  # symbolic sizes: no recompile at all
     assert compile_counters()["unique_graphs"] == graphs
+    shown = eng.optimization_report("tiny-flux")
+    assert shown.compile_stats == {**stats.as_dict()} and shown.as_dict()["compile_stats"]["recompiles"] == 0
+    assert "0 recompiles (budget: 8 compiling jobs)" in str(shown)
 
 
 def test_scope_enforces_the_budget_on_static_shapes():

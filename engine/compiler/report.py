@@ -19,6 +19,7 @@ class OptimizationReport:
     device: str
     results: list[PassResult] = field(default_factory=list)
     memory_plan: list[str] = field(default_factory=list)  # the placement chosen for the device budget, and why
+    compile_stats: dict[str, object] | None = None  # graphs compiled so far, recompiles, budget (compiled models)
 
     def applied(self, name: str, detail: str) -> None:
         self.results.append(PassResult(name, "applied", detail))
@@ -39,12 +40,16 @@ class OptimizationReport:
     def as_dict(self) -> dict[str, object]:
         return {"config_hash": self.config_hash, "device": self.device,
                 "passes": [{"name": r.name, "status": r.status, "detail": r.detail} for r in self.results],
-                "memory_plan": list(self.memory_plan)}
+                "memory_plan": list(self.memory_plan), "compile_stats": self.compile_stats}
 
     def __str__(self) -> str:
         width = max((len(r.name) for r in self.results), default=4)
         lines = [f"optimization report ({self.device}, config {self.config_hash})"]
         lines += [f"  {r.name.ljust(width)}  {r.status:8} {r.detail}" for r in self.results]
+        if self.compile_stats:
+            c = self.compile_stats
+            lines.append(f"compiled: {c['graphs']} graphs over {c['jobs']} jobs, {c['recompiles']} recompiles "
+                         f"(budget: {c['budget']} compiling jobs)")
         if self.memory_plan:
             lines.append("memory plan")
             lines += [f"  {line}" for line in self.memory_plan]
