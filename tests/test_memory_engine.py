@@ -155,9 +155,11 @@ def test_settings_an_offloading_plan_cannot_combine_with_are_dropped_and_reporte
 
     config = config_for_level("O3", backend="tensorrt", quant="int8_weight_only")
     fitted, dropped = fit_config_to_plan(config, SimpleNamespace(offloads=True, lossy=True, rung="fp8+group_offload",
-                                                                 storage="fp8"))
-    assert (fitted.cuda_graphs, fitted.backend, fitted.quant) == (False, "torch", "none")
-    assert [f for f, _ in dropped] == ["cuda_graphs", "backend", "quant"]
+                                                                 storage="fp8", placement="group_offload"))
+    assert (fitted.cuda_graphs, fitted.backend, fitted.quant, fitted.compile_fullgraph) == (False, "torch", "none", False)
+    assert [f for f, _ in dropped] == ["cuda_graphs", "backend", "quant", "compile_fullgraph"]
+    swap = SimpleNamespace(offloads=True, lossy=False, rung="model_offload", storage="compute", placement="swap")
+    assert [f for f, _ in fit_config_to_plan(config, swap)[1]] == ["cuda_graphs", "backend"]
     resident = SimpleNamespace(offloads=False, lossy=False, rung="resident", storage="compute")
     assert fit_config_to_plan(config, resident) == (config, [])
 
@@ -215,3 +217,18 @@ def test_lora_on_weights_it_cannot_wrap_is_a_clear_422(tmp_path):
     int8 = Engine(device="cpu", memory_plan="int8+resident", allow_lossy_memory=True)
     plain = _pixels(int8.generate(model="tiny-sdxl", **ARGS))
     assert not np.array_equal(_pixels(int8.generate(model="tiny-sdxl", loras=lora, **ARGS)), plain)
+
+
+def test_group_offload_composes_with_regional_compile(resident_images):
+    """O2 with an offloading plan: the offload hooks wrap the modules before compile, blocks compile regionally (as
+    diffusers documents for group offload), and the image stays the fp32 one within compile's rounding."""
+    from conftest import images_close
+
+    eng = Engine(device="cpu", opt_level="O2", memory_plan="group_offload", compile_config={"dtype": "fp32"})
+    got = eng.generate(model="tiny-flux", **ARGS)
+    report = eng.optimization_report("tiny-flux")
+    assert report.status("compile") == "applied" and "blocks" in report.details("compile")[0]
+    assert any(line.startswith("placement group_offload") for line in report.memory_plan)
+    reference = [a.astype(np.uint8) for a in resident_images[("O0", "tiny-flux")]]
+    ok, share = images_close(got.images, reference, levels=2, fraction=0.99)
+    assert ok, share

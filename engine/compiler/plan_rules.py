@@ -7,6 +7,8 @@ and the report says which and why.
   module would free nothing; offloading plans keep the denoiser in PyTorch.
 - Lossy storage plans already store the weights as fp8/int8/nf4: quantizing them again in the quant pass would
   stack two roundings on the same weights.
+- Group offload's onload hooks sit inside the regionally compiled blocks and are excluded from tracing: the blocks
+  compile with graph breaks allowed.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ RULES: tuple[PlanRule, ...] = (
              "plan offloads; the denoiser stays in PyTorch"),
     PlanRule("quant", lambda v: v != "none", lambda p: bool(getattr(p, "lossy", False)), "none",
              "dropped: the {rung} memory plan already stores the weights as {storage}"),
+    PlanRule("compile_fullgraph", lambda v: v is True, lambda p: getattr(p, "placement", "") == "group_offload", False,
+             "fullgraph dropped: group offload onloads each block in a torch.compiler.disable()d hook inside the "
+             "compiled blocks (a deliberate graph break, diffusers#11605)"),
 )
 
 
