@@ -7,17 +7,19 @@ lock, so bad input fails fast and never blocks other callers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import logging
 import secrets
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from .compiler import CompileConfig, OptimizationReport, optimize, resolve_config
+from .compiler.compile import run_compiled
 from .compiler.dtype import dtype_policy
 from .errors import InsufficientMemoryError, InvalidRequestError, ModelNotFoundError
 from .loading import LoadedModel, load_model
@@ -82,7 +84,8 @@ class _Slot:
             compiled = bool(self.config.compile)
             self.loras = LoraManager(self.loaded.family.name, self.loaded.components,
                                      hotswap_rank=self.config.lora_hotswap_rank if compiled else None,
-                                     fuse_after=self.config.lora_fuse_after)
+                                     fuse_after=0 if getattr(self.plan, "offloads", False) else
+                                     self.config.lora_fuse_after)  # offloaded weights: never merge into them
         return self.loras
 
 
@@ -176,42 +179,106 @@ class Engine(FalMixin):
                                      or plan is not None):
                 with self._run_lock:
                     del self._slots[model]
+                del slot
+                self._release()  # the old placement's memory, before the new one is planned
                 slot = None
             if slot is None:
                 pickle_ok = self.allow_pickle if allow_pickle is None else allow_pickle
-                wanted = compile_config or self.compile_config
-                if plan is None:
-                    plan = self._planner.plan_before_load(model, config, dtype_policy(wanted, self.device))
-                self._make_room(model, plan)
-                slot = _Slot(model, self.device, wanted, allow_pickle=pickle_ok, single_file_config=config,
-                             planner=self._planner, plan=plan)
+                slot = self._build(model, pickle_ok, config, compile_config or self.compile_config, plan)
                 self._slots[model] = slot
             self._last_used[model] = time.monotonic()
             return slot
 
-    def _make_room(self, model: str, plan: Any) -> None:
-        """Evict least-recently-used models (caller holds the load lock) until `plan` fits beside the rest and the
-        count stays within `max_loaded_models`."""
+    def _build(self, model: str, allow_pickle: bool, config: str | None, wanted: CompileConfig,
+               plan: Any) -> _Slot:
+        """Plan (making room first), load and place; an out-of-memory error while placing steps down the ladder as
+        one inside a job does (caller holds the load lock)."""
+        if plan is None:
+            plan = self._plan_with_room(model, config, dtype_policy(wanted, self.device))
+        else:
+            self._make_room(model, plan)
+        notes: list[str] = []
         while True:
-            loaded = [(k, d) for d in (self._slots, self._upscalers) for k in d if k != model]
-            if not loaded:
-                return
+            failure = None
+            try:
+                slot = _Slot(model, self.device, wanted, allow_pickle=allow_pickle, single_file_config=config,
+                             planner=self._planner, plan=plan)
+            except Exception as e:
+                if not is_out_of_memory(e):
+                    raise
+                failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            if failure is None:
+                slot.report.memory_plan.extend(notes)
+                return slot
+            self._release()  # outside the except block: the half-placed model is gone by now
+            smaller = self._planner.next_plan(plan) if plan is not None else None
+            if smaller is None:
+                raise InsufficientMemoryError(f"{model}: out of memory on {self.device} while loading"
+                                              f"{' with plan ' + self._planner.name(plan) if plan is not None else ''}"
+                                              f" and no smaller memory plan is left: {failure}")
+            log.warning("%s: out of memory while loading with plan %s; trying %s", model, self._planner.name(plan),
+                        self._planner.name(smaller))
+            notes.append(f"fallback at load: out of memory with {self._planner.name(plan)} ({failure}); stepped "
+                         f"down to {self._planner.name(smaller)}")
+            plan = smaller
+
+    def _plan_with_room(self, model: str, config: str | None, policy: Any) -> Any:
+        """The plan for a new model. A detected budget is the free memory now, which the loaded models already
+        take from: when the model would get a poorer plan (or none) than with them gone, evict the least recently
+        used ones first, one at a time, re-planning after each."""
+        while True:
+            others = [s.plan for k, s in self._slots.items() if k != model and s.plan is not None]
+            reclaimable = sum(p.resident_bytes for p in others) if self._planner.max_memory is None else 0
+            try:
+                plan = self._planner.plan_before_load(model, config, policy)
+            except InsufficientMemoryError:
+                if self._evict_one(model, "no memory plan fits beside the loaded models"):
+                    continue
+                raise
+            if plan is not None and reclaimable:
+                alone = self._planner.plan_before_load(model, config, policy, extra_bytes=reclaimable)
+                if alone is not None and alone.rung != plan.rung and self._evict_one(
+                        model, f"it would get {self._planner.name(alone)} instead of {self._planner.name(plan)}"):
+                    continue
+            self._make_room(model, plan)
+            return plan
+
+    def _evict_one(self, model: str, why: str) -> bool:
+        """Evict the least recently used model other than `model` (caller holds the load lock)."""
+        loaded = [(k, d) for d in (self._slots, self._upscalers) for k in d if k != model]
+        if not loaded:
+            return False
+        key, table = min(loaded, key=lambda kd: self._last_used.get(kd[0], 0.0))
+        log.info("evicting %s (least recently used) to make room for %s: %s", key, model, why)
+        with self._run_lock:
+            table.pop(key, None)
+        self._release()
+        return True
+
+    def _make_room(self, model: str, plan: Any) -> None:
+        """Evict least-recently-used models (caller holds the load lock) until the count stays within
+        `max_loaded_models` and, under an explicit `max_memory`, `plan` fits beside the rest."""
+        while True:
+            loaded = [k for d in (self._slots, self._upscalers) for k in d if k != model]
             too_many = self.max_loaded_models is not None and len(loaded) >= self.max_loaded_models
-            others = [self._slots[k].plan if k in self._slots else None for k, _ in loaded]
-            if not too_many and (plan is None or self._planner.fits_beside(plan, [o for o in others if o])):
+            others = [self._slots[k].plan for k in loaded if k in self._slots and self._slots[k].plan is not None]
+            if not too_many and (plan is None or self._planner.fits_beside(plan, others)):
                 return
-            key, table = min(loaded, key=lambda kd: self._last_used.get(kd[0], 0.0))
-            why = "max_loaded_models" if too_many else "device memory"
-            log.info("evicting %s (least recently used) to make room for %s (%s)", key, model, why)
-            with self._run_lock:
-                table.pop(key, None)
-            self._planner.release()
+            if not self._evict_one(model, "max_loaded_models" if too_many else "device memory (max_memory)"):
+                return
+
+    def _release(self) -> None:
+        """Free what dropped models held; CUDA-graph pools too once no loaded model uses CUDA graphs."""
+        graphs = any(s.report.status("cuda_graphs") == "applied" for s in self._slots.values())
+        self._planner.release(keep_cuda_graphs=graphs)
+
     def unload_loras(self, model: str) -> None:
         """Remove every adapter from `model`: it is exactly the base model again."""
         slot = self._slot(model)
         with self._run_lock:
             if slot.loras is not None:
-                slot.loras.unload()
+                with self._lora_change(slot):
+                    slot.loras.unload()
 
     def optimization_report(self, model: str) -> OptimizationReport:
         """What the compiler applied to `model` and what it skipped, with reasons (loads the model if needed)."""
@@ -247,8 +314,7 @@ class Engine(FalMixin):
         if slot is None:
             return False
         del slot
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self._release()  # collects the hooks' reference cycles, then empties the allocator's cache
         return True
 
     def loaded_models(self) -> list[str]:
@@ -286,16 +352,23 @@ class Engine(FalMixin):
         params = dataclasses.replace(params, lora_key=tuple((lo.sha256, lo.scale) for lo in loras))
         failure = None
         try:
-            out = self._run(slot, loras, params, step_callback)
+            out = self._run(request.model, slot, loras, params, step_callback)
         except Exception as e:
             if not is_out_of_memory(e):
                 raise
             failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         if failure is not None:  # outside the except block: the traceback's tensors are released by now
-            old = (slot.source, slot.config, slot.plan)
+            failed = slot
             del slot
-            slot = self._fall_back(request.model, *old, failure)
-            out = self._run(slot, loras, params, step_callback)  # once: a second OOM propagates
+            slot = self._fall_back(request.model, failed, failure)
+            del failed
+            try:
+                out = self._run(request.model, slot, loras, params, step_callback)  # once
+            except Exception as e:
+                if not is_out_of_memory(e):
+                    raise
+                raise InsufficientMemoryError(f"{request.model}: out of memory again after stepping down to "
+                                              f"{self._planner.name(slot.plan)}: {type(e).__name__}") from None
         return Result(images=out.images, seed=params.seed, timings=out.timings, model=request.model,
                       width=params.width, height=params.height, num_inference_steps=params.num_inference_steps,
                       guidance_scale=params.guidance_scale, prompt=params.prompt)
@@ -313,34 +386,67 @@ class Engine(FalMixin):
         if reasons:
             raise InvalidRequestError("loras", f"{model} cannot take LoRA adapters: " + "; ".join(reasons))
 
-    def _run(self, slot: _Slot, loras: list[Any], params: GenerationParams,
+    def _run(self, model: str, slot: _Slot, loras: list[Any], params: GenerationParams,
              step_callback: StepCallback | None) -> Any:
         family = slot.loaded.family
         cfg = ((family.uses_negative_prompt and params.guidance_scale > 1.0)
                or (params.true_cfg_scale > 1.0 and params.negative_prompt is not None))
-        plan, warning = self._planner.for_request(slot.plan, params.width, params.height, params.num_images, cfg)
-        if warning:
-            log.warning("%s", warning)
-        with self._run_lock:
-            self._planner.set_vae_options(slot.loaded.components, plan)
-            if loras or slot.loras is not None:
-                slot.lora_manager().apply(loras)
-            return slot.pipeline(params, step_callback=step_callback)
+        for _ in range(3):
+            plan, warning = self._planner.for_request(slot.plan, params.width, params.height, params.num_images, cfg)
+            if warning:
+                log.warning("%s", warning)
+            with self._run_lock:
+                if self._slots.get(model) is slot:  # not evicted or replaced since it was looked up
+                    self._planner.set_vae_options(slot.loaded.components, plan)
+                    if loras or slot.loras is not None:
+                        self._apply_loras(slot, loras)
+                    return run_compiled(slot.pipeline, params, step_callback)
+            slot = self._slot(model)
+        raise InsufficientMemoryError(f"{model} was evicted three times while waiting to run: too many models "
+                                      "compete for the device budget")
 
-    def _fall_back(self, model: str, source: tuple[str, bool, str | None], config: CompileConfig, plan: Any,
-                   failure: str) -> _Slot:
-        """After an out-of-memory error: free what the failed job held, step one rung down the memory ladder, and
-        reload the model with that plan (the next requests start from it too)."""
-        smaller = self._planner.next_plan(plan)
-        with self._load_lock, self._run_lock:
-            self._slots.pop(model, None)  # drop the failed placement before building the smaller one
-        free_device_memory(self.device)
-        if smaller is None:
-            raise InsufficientMemoryError(f"{model}: out of memory on {self.device} even with the smallest memory "
-                                          f"plan ({self._planner.name(plan)}): {failure}")
-        log.warning("%s: out of memory with plan %s; retrying once with %s", model, self._planner.name(plan),
-                    self._planner.name(smaller))
-        name, allow_pickle, single_file_config = source
+    def _apply_loras(self, slot: _Slot, loras: list[Any]) -> None:
+        manager = slot.lora_manager()
+        if tuple((lo.sha256, lo.scale) for lo in loras) == manager.active:
+            manager.apply(loras)  # the same set: nothing moves (fusing is off under offload plans)
+            return
+        with self._lora_change(slot):
+            manager.apply(loras)
+
+    @contextlib.contextmanager
+    def _lora_change(self, slot: _Slot) -> Iterator[None]:
+        """diffusers' LoRA loaders take accelerate hooks off and install their own model offload, and group offload
+        keeps copies of the weights it was given: under an offloading plan the engine's placement comes off before
+        adapters change and goes back on after, around the final modules."""
+        if not getattr(slot.plan, "offloads", False):
+            yield
+            return
+        from .runtime.placement import reset_placement
+
+        reset_placement(slot.loaded.components, quiet=True)
+        try:
+            yield
+        finally:
+            self._planner.place(slot.loaded.components, slot.loaded.family, slot.plan)
+
+    def _fall_back(self, model: str, failed: _Slot, failure: str) -> _Slot:
+        """After an out-of-memory error: drop the failed placement and free its memory, then step one rung down
+        the memory ladder (sized with that memory free) and reload the model with that plan; the next requests
+        start from it too."""
+        name, allow_pickle, single_file_config = failed.source
+        config, plan = failed.config, failed.plan
+        with self._load_lock:
+            with self._run_lock:
+                if self._slots.get(model) is failed:
+                    del self._slots[model]
+            del failed
+            self._release()
+            smaller = self._planner.next_plan(plan)
+            if smaller is None:
+                raise InsufficientMemoryError(f"{model}: out of memory on {self.device} even with the smallest "
+                                              f"memory plan ({self._planner.name(plan)}): {failure}")
+            log.warning("%s: out of memory with plan %s; retrying once with %s", model, self._planner.name(plan),
+                        self._planner.name(smaller))
         new = self._slot(name, allow_pickle, single_file_config, config, plan=smaller)
         new.report.memory_plan.append(f"fallback: out of memory with {self._planner.name(plan)} ({failure}); "
                                       f"stepped down to {self._planner.name(smaller)}")

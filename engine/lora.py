@@ -326,12 +326,28 @@ class LoraManager:
         return {a for adapters in self.pipe.get_list_adapters().values() for a in adapters}
 
     def _fuse(self) -> None:
+        layers = self._lora_layers()
+        stored = [type(w).__name__ for w in (layer.get_base_layer().weight for layer in layers)
+                  if not (type(w) in (torch.Tensor, torch.nn.Parameter) and w.is_floating_point())]
+        if stored:  # GGUF blocks, torchao tensors: merging would write float deltas into quantized storage
+            self.fuse_after = 0
+            log.info("not fusing LoRAs: base weights are stored quantized (%s)", stored[0])
+            return
         self._snapshot = {}
-        for layer in self._lora_layers():
+        for layer in layers:
             weight = layer.get_base_layer().weight
             self._snapshot[weight] = weight.detach().clone()
         names = [n for n in self.loaded if n in self.pipe.get_active_adapters()]
-        self.pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+        try:
+            self.pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+        except Exception as e:  # leave the adapters unmerged (still correct), and stop trying
+            with torch.no_grad():
+                for weight, original in self._snapshot.items():
+                    weight.copy_(original)
+            self._snapshot = {}
+            self.fuse_after = 0
+            log.warning("could not fuse LoRA set %s (%s: %s); it stays unmerged", names, type(e).__name__, e)
+            return
         self.fused = True
         log.info("fused LoRA set %s into the weights", names)
 

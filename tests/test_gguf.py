@@ -177,3 +177,17 @@ def test_memory_plan_sizes_gguf_weights_as_stored_and_never_requantizes(bfl_file
     report = eng.optimization_report(str(bfl_file))
     assert any("transformer kept as loaded (pre-quantized)" in line for line in report.memory_plan)
     assert eng.generate(model=str(bfl_file), **ARGS).images
+
+
+def test_the_same_lora_again_and_again_on_gguf_weights(bfl_file, tmp_path):
+    """A LoRA set used lora_fuse_after (3) times in a row is normally merged into the weights; GGUF blocks cannot
+    take float deltas, so it stays unmerged and every request gives the same image."""
+    from engine.testing import random_lora
+
+    eng = Engine(device="cpu")
+    eng.load(str(bfl_file), config="tiny-flux")
+    lora = [{"path": str(random_lora("tiny-flux", tmp_path / "lora.safetensors")), "scale": 1.0}]
+    images = [np.asarray(eng.generate(model=str(bfl_file), loras=lora, **ARGS).images[0]) for _ in range(5)]
+    assert all(np.array_equal(images[0], im) for im in images[1:])
+    assert not eng._slots[str(bfl_file)].loras.fused
+    assert not np.array_equal(images[0], np.asarray(eng.generate(model=str(bfl_file), **ARGS).images[0]))

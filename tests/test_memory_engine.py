@@ -232,3 +232,88 @@ def test_group_offload_composes_with_regional_compile(resident_images):
     reference = [a.astype(np.uint8) for a in resident_images[("O0", "tiny-flux")]]
     ok, share = images_close(got.images, reference, levels=2, fraction=0.99)
     assert ok, share
+
+
+@pytest.mark.parametrize("plan", ["text_encoders_offloaded", "group_offload"])
+def test_lora_under_an_offloading_plan_keeps_the_placement(tmp_path, plan):
+    """diffusers' LoRA loaders take accelerate hooks off and put their own model offload on: the engine's placement
+    comes off before adapters change and goes back after, so the image equals the resident one with the LoRA."""
+    from engine.runtime.placement import reset_placement  # noqa: F401  (the mechanism under test)
+    from engine.testing import random_lora
+
+    lora = [{"path": str(random_lora("tiny-sdxl", tmp_path / "lora.safetensors")), "scale": 0.8}]
+    expected = _pixels(Engine(device="cpu").generate(model="tiny-sdxl", loras=lora, **ARGS))
+    eng = Engine(device="cpu", memory_plan=plan)
+    base = _pixels(eng.generate(model="tiny-sdxl", **ARGS))
+    for _ in range(4):  # also past lora_fuse_after (3): offloaded weights are never merged into
+        assert np.array_equal(_pixels(eng.generate(model="tiny-sdxl", loras=lora, **ARGS)), expected)
+    components = eng._slots["tiny-sdxl"].loaded.components
+    hooked = [n for n, m in components.items() if isinstance(m, torch.nn.Module)
+              and (hasattr(m, "_hf_hook") or getattr(m, "_diffusers_hook", None) is not None)]
+    assert sorted(hooked) == ["text_encoder", "text_encoder_2", "unet", "vae"]
+    assert not eng._slots["tiny-sdxl"].loras.fused
+    eng.unload_loras("tiny-sdxl")
+    assert np.array_equal(_pixels(eng.generate(model="tiny-sdxl", **ARGS)), base)
+
+
+def test_detected_budget_evicts_the_least_recently_used_model(monkeypatch):
+    """A detected budget is the free memory now, which loaded models already take from: a model that fits no plan
+    beside them evicts the least recently used one and is planned again."""
+    from engine.runtime import memory
+    from engine.runtime.planner import Planner
+
+    probe = Engine(device="cpu")
+    peaks = {m: probe._slot(m).plan.peak_bytes for m in ("tiny-sdxl", "tiny-flux")}
+    eng = Engine(device="cpu")
+    total = max(peaks.values()) + 1024
+
+    def budget(self, extra_bytes=0):  # what mem_get_info would say: the total minus the loaded models' weights
+        used = sum(s.plan.resident_bytes for s in eng._slots.values())
+        return memory.MemoryBudget(total - used + extra_bytes, None, "cpu", "detected")
+
+    monkeypatch.setattr(Planner, "budget", budget)
+    eng.load("tiny-sdxl")
+    eng.load("tiny-flux")
+    assert eng.loaded_models() == ["tiny-flux"]
+
+
+def test_out_of_memory_while_placing_steps_down_at_load(monkeypatch, resident_images):
+    from engine.runtime.planner import Planner
+
+    original = Planner.place
+    failures = []
+
+    def place(self, components, family, plan):
+        if plan.rung == "resident" and not failures:
+            failures.append(plan.rung)
+            raise torch.OutOfMemoryError("CUDA out of memory (injected while placing)")
+        return original(self, components, family, plan)
+
+    monkeypatch.setattr(Planner, "place", place)
+    eng = Engine(device="cpu", memory_plan="resident")
+    got = eng.generate(model="tiny-flux", **ARGS)
+    assert failures == ["resident"] and eng._slots["tiny-flux"].plan.rung == "text_encoders_offloaded"
+    assert any(line.startswith("fallback at load: out of memory with resident")
+               for line in eng.optimization_report("tiny-flux").memory_plan)
+    assert np.array_equal(_pixels(got), resident_images[("O0", "tiny-flux")])
+
+
+def test_a_recompile_limit_failure_reruns_the_job_eagerly():
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    from engine.compiler.compile import CompileStats, run_compiled
+
+    class Pipeline:
+        def __init__(self):
+            self.calls = 0
+            self.run_context = type("Scope", (), {"stats": CompileStats(model="m", budget=8)})()
+
+        def __call__(self, params, step_callback=None):
+            self.calls += 1
+            if self.calls == 1:
+                raise FailOnRecompileLimitHit("recompile_limit reached with fullgraph=True")
+            return "image"
+
+    pipeline = Pipeline()
+    assert run_compiled(pipeline, None, None) == "image" and pipeline.calls == 2
+    assert pipeline.run_context.stats.exhausted

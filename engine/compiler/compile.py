@@ -191,3 +191,32 @@ def compile_counters() -> dict[str, int]:
 
 def reset_compile_counters() -> None:
     torch._dynamo.utils.counters.clear()
+
+
+def is_recompile_limit(error: BaseException) -> bool:
+    """Dynamo's hard failure when a `fullgraph=True` function passes its recompile limit. The limit counts per code
+    object, across every instance of a model class (also deleted ones: a reloaded or second model of the same class
+    shares it), so a model's own budget cannot always see it coming."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    return isinstance(error, FailOnRecompileLimitHit)
+
+
+def run_compiled(pipeline: Any, params: Any, step_callback: Any) -> Any:
+    """Run a job; when dynamo's recompile limit was hit, run it again eagerly for new shapes (compiled shapes keep
+    their graphs) and keep this model in that stance from now on."""
+    try:
+        return pipeline(params, step_callback=step_callback)
+    except Exception as e:
+        if not is_recompile_limit(e):
+            raise
+        log_note = f"{type(e).__name__}"
+    scope = pipeline.run_context
+    stats = getattr(scope, "stats", None)
+    if stats is not None:
+        stats.compiling_jobs = max(stats.compiling_jobs, stats.budget)  # exhausted: eager_on_recompile from now on
+    import logging
+
+    logging.getLogger(__name__).warning("recompile limit reached (%s): this job and new shapes run eagerly", log_note)
+    with torch.compiler.set_stance("eager_on_recompile"):
+        return pipeline(params, step_callback=step_callback)

@@ -58,8 +58,10 @@ class Planner:
         self.forced = memory_plan
 
     # -- choosing -------------------------------------------------------------------------------------------------
-    def budget(self) -> memory.MemoryBudget:
-        return memory.detect_budget(self.device, self.max_memory)
+    def budget(self, extra_bytes: int = 0) -> memory.MemoryBudget:
+        """The budget now; `extra_bytes` adds what evicting other models would free (a detected budget only)."""
+        budget = memory.detect_budget(self.device, self.max_memory)
+        return replace(budget, device_bytes=budget.device_bytes + extra_bytes) if extra_bytes else budget
 
     def _request(self, model: str, family: str) -> memory.PlanRequest:
         from ..families import get_family
@@ -74,18 +76,20 @@ class Planner:
         return memory.PlanRequest(width, height, 1, cfg=cfg, flash_attention=self.device.type == "cuda",
                                   max_sequence_length=d.max_sequence_length if d else None)
 
-    def _plan(self, sizes: memory.ModelSizes, model: str) -> memory.MemoryPlan:
+    def _plan(self, sizes: memory.ModelSizes, model: str, extra_bytes: int = 0) -> memory.MemoryPlan:
         request = self._request(model, sizes.family)
         if self.forced is not None:
-            return memory.plan_at(sizes, request, self.budget(), self.forced)
-        return memory.plan_memory(sizes, request, self.budget(), allow_lossy=self.allow_lossy)
+            return memory.plan_at(sizes, request, self.budget(extra_bytes), self.forced)
+        return memory.plan_memory(sizes, request, self.budget(extra_bytes), allow_lossy=self.allow_lossy)
 
-    def plan_before_load(self, model: str, single_file_config: str | None, policy: Any) -> memory.MemoryPlan | None:
-        """The plan from configs alone, or None when the model's weights are needed to size it."""
+    def plan_before_load(self, model: str, single_file_config: str | None, policy: Any, *,
+                         extra_bytes: int = 0) -> memory.MemoryPlan | None:
+        """The plan from configs alone, or None when the model's weights are needed to size it. `extra_bytes`:
+        memory other loaded models would free if evicted (to compare with the plan the model gets beside them)."""
         if single_file_config is not None:
             return None
         sizes = memory.size_model(model, policy)
-        return None if sizes is None else self._plan(sizes, model)
+        return None if sizes is None else self._plan(sizes, model, extra_bytes)
 
     def plan_loaded(self, loaded: Any, policy: Any) -> memory.MemoryPlan:
         sizes = memory.sizes_from_components(loaded.key, loaded.family, loaded.components)
@@ -156,7 +160,17 @@ class Planner:
     def describe(self, plan: memory.MemoryPlan) -> list[str]:
         return plan.describe()
 
-    def release(self) -> None:
+    def release(self, *, keep_cuda_graphs: bool = True) -> None:
+        """Free dropped models' memory. Compiled functions outlive their modules (dynamo keeps them on the model
+        class's module), and with them the CUDA-graph trees' private memory pool: once no loaded model uses CUDA
+        graphs, the trees are reset so that pool is returned too."""
+        if self.device.type == "cuda" and not keep_cuda_graphs:
+            try:
+                from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+                reset_cudagraph_trees()
+            except Exception as e:  # an inductor without cudagraph trees: nothing was pooled
+                log.debug("cudagraph trees not reset: %s", e)
         free_device_memory(self.device)
 
     @staticmethod
