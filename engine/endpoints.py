@@ -323,7 +323,8 @@ def _prepare_text_to_image(spec: EndpointSpec, args: _Input, table: EndpointTabl
         "num_inference_steps": int(args.num_inference_steps),  # type: ignore[attr-defined]
         "num_images": args.num_images, "seed": args.seed,
     }
-    if getattr(args, "negative_prompt", None):
+    if getattr(args, "negative_prompt", None) is not None:
+        # fal's default "" is kept: SDXL encodes "" (as diffusers does) where None would zero the negative branch.
         fields["negative_prompt"] = args.negative_prompt  # type: ignore[attr-defined]
     if getattr(args, "guidance_scale", None) is not None:
         fields["guidance_scale"] = args.guidance_scale  # type: ignore[attr-defined]

@@ -50,7 +50,9 @@ class StableDiffusionEnginePipeline(TextToImagePipeline):
         return self.unet
 
     def uses_cfg(self, params: GenerationParams) -> bool:
-        return params.guidance_scale > 1.0
+        """Classifier-free guidance (a negative branch) runs when guidance > 1, except for guidance-distilled (LCM)
+        UNets: they take the scale as `timestep_cond` instead, as in diffusers' `do_classifier_free_guidance`."""
+        return params.guidance_scale > 1.0 and self.unet.config.time_cond_proj_dim is None
 
     # -- encode -------------------------------------------------------------------------------------------------
     def _clip_hidden(self, prompts: list[str], max_length: int) -> torch.Tensor:
