@@ -388,9 +388,8 @@ class Engine(FalMixin):
 
     def _run(self, model: str, slot: _Slot, loras: list[Any], params: GenerationParams,
              step_callback: StepCallback | None) -> Any:
-        family = slot.loaded.family
-        cfg = ((family.uses_negative_prompt and params.guidance_scale > 1.0)
-               or (params.true_cfg_scale > 1.0 and params.negative_prompt is not None))
+        uses_cfg = getattr(slot.pipeline, "uses_cfg", None) or getattr(slot.pipeline, "uses_true_cfg", None)
+        cfg = bool(uses_cfg(params)) if uses_cfg is not None else False  # the pipeline's rule (LCM UNets: none)
         for _ in range(3):
             plan, warning = self._planner.for_request(slot.plan, params.width, params.height, params.num_images, cfg)
             if warning:
@@ -510,6 +509,25 @@ class Engine(FalMixin):
             true_cfg_scale=request.true_cfg_scale,
             scheduler=scheduler,
         )
+
+
+    def close(self) -> None:
+        """Stop the job queue's threads (a running job ends `interrupted`), remove temporary outputs and unload every
+        model. Idempotent; `with Engine(...) as engine:` calls it on exit."""
+        from .service import close_queue
+
+        service = self.__dict__.pop("_fal_service", None)
+        if service is not None:
+            service.close()
+        close_queue(self)
+        for model in list(self.loaded_models()):
+            self.unload(model)
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 __all__ = ["Engine", "ModelNotFoundError"]
