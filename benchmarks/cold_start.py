@@ -50,11 +50,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-ARCH = ROOT / "configs" / "arch" / "sdxl"
+ARCH = ROOT / "engine" / "configs" / "arch" / "sdxl"
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ("ours", "from_single_file", "from_pretrained")
 ENGINE_METHODS = ("engine-sdxl", "engine-flux")
-FLUX_ARCH = ROOT / "configs" / "arch" / "flux-dev"
+FLUX_ARCH = ROOT / "engine" / "configs" / "arch" / "flux-dev"
 FLUX_BLOCKS = (4, 9)  # double, single: 5.4 GB in bf16 (the full 19 + 38 is 23.8 GB)
 RSS_FACTOR = 1.15  # the criterion: peak RSS <= RSS_FACTOR x weight bytes + the RSS before the load
 GIB = 1024**3

@@ -8,11 +8,12 @@ from pathlib import Path
 
 
 def configs_dir() -> Path:
-    """The `configs/` folder shipped beside the package (override: ENGINE_CONFIGS_DIR)."""
+    """The `engine/configs/` folder shipped inside the package as package data: model presets, optimization levels,
+    tiny model configs, architecture configs (override: ENGINE_CONFIGS_DIR)."""
     env = os.environ.get("ENGINE_CONFIGS_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "configs"
+    return Path(__file__).resolve().parent / "configs"
 
 
 def cache_dir() -> Path:

@@ -1,4 +1,4 @@
-"""The benchmark harness behind `engine bench`: scenarios (benchmarks/scenarios/*.yaml) -> runs -> report.
+"""The benchmark harness behind `engine bench`: scenarios (engine/bench/scenarios/*.yaml) -> runs -> report.
 
 Lives inside the package (not in benchmarks/) so the console script works from an installed package; the scenario
 files and committed results stay in benchmarks/. Modules: scenario (YAML -> typed scenarios), runner (scenarios ->

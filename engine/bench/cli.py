@@ -74,7 +74,8 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="fewer steps, 1 timed run, only presets marked quick (no compilation), published "
                         "reference FLOPs")
     p.add_argument("--scenario", action="append",
-                   help="scenario name (benchmarks/scenarios/NAME.yaml) or path; repeatable; default: all default ones")
+                   help="scenario name (engine/bench/scenarios/NAME.yaml, shipped with the package) or path "
+                        "to a YAML file; repeatable; default: every default one")
     p.add_argument("--out", default="bench-results", help="output folder for bench.json, bench.md, bench.png")
     p.add_argument("--steps", type=int, help="override the scenarios' step count (few-step presets keep theirs)")
     p.add_argument("--runs", type=int, help="timed runs per preset (default 3, 1 with --quick)")

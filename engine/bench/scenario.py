@@ -1,4 +1,5 @@
-"""Benchmark scenarios as data: benchmarks/scenarios/<name>.yaml, resolved for one scale into a typed `Scenario`.
+"""Benchmark scenarios as data: engine/bench/scenarios/<name>.yaml (shipped as package data), resolved for one scale
+into a typed `Scenario`.
 
 A scenario names one job per scale (tiny/small random-weight models, or the real model id) and the presets to compare
 on it: the stock diffusers pipeline (the baseline) and engine presets (an optimization level plus overrides, a
@@ -19,8 +20,8 @@ STAGES = {"text-to-image": ("encode", "denoise", "decode"), "upscale": ("preproc
 
 
 def scenarios_dir() -> Path:
-    """benchmarks/scenarios beside the package (the repository checkout), like configs/."""
-    return Path(__file__).resolve().parents[2] / "benchmarks" / "scenarios"
+    """The shipped scenarios: engine/bench/scenarios, package data installed with the wheel (like engine/configs)."""
+    return Path(__file__).resolve().parent / "scenarios"
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,8 @@ def scenario_paths(names: list[str] | None = None) -> list[Path]:
             path = scenarios_dir() / f"{name}.yaml"
         if not path.is_file():
             known = ", ".join(p.stem for p in sorted(scenarios_dir().glob("*.yaml")))
-            raise FileNotFoundError(f"no scenario {name!r} (known: {known}; or give a path to a YAML file)")
+            raise FileNotFoundError(f"no scenario {name!r} (known, in {scenarios_dir()}: {known}; "
+                                    "or give a path to a YAML file)")
         out.append(path)
     return out
 

@@ -10,7 +10,6 @@ reuses it instead of building it again.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 
 from ...paths import cache_dir, file_sha256
 
@@ -131,15 +131,13 @@ def _trust_built(folder: Path) -> None:
 
 @contextlib.contextmanager
 def _locked(key: str) -> Iterator[None]:
-    """Exclusive lock on <root>/<key>.lock: held while one process checks and builds the artifact."""
+    """Exclusive lock on <root>/<key>.lock, held while one process checks and builds the artifact; a second caller
+    (another process, or another thread: each call takes its own lock object) waits for it, without a time limit. The
+    lock is the OS's (flock on POSIX, LockFileEx on Windows, through `filelock`): freed if its holder dies."""
     root = store_root()
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / f"{key}.lock", "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    with FileLock(root / f"{key}.lock", timeout=-1):
+        yield
 
 
 def get_or_build(key: str, build: Callable[[Path], dict[str, Any] | None]) -> Artifact:
