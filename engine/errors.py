@@ -97,3 +97,10 @@ class InsufficientMemoryError(EngineError):
         if self.budget_bytes is not None:
             out["budget_bytes"] = self.budget_bytes
         return out
+
+
+class RefusedSourceError(InvalidRequestError):
+    """An untrusted caller named a source it may not use (a local path, an unlisted model, a hub id this server will
+    not download). The text depends only on what was named, never on what exists on the server's disk."""
+
+    error_type = "refused_source"

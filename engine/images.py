@@ -6,24 +6,18 @@ an http(s) URL, a data URI. Everything from outside is treated as hostile:
   the decoder for that format, so an upload cannot reach an unexpected plugin;
 - the pixel count is checked from the header, before any pixel is decoded; the full decode is forced (`load()`),
   so a truncated file fails here and not halfway through a job;
-- URLs: only http and https; the host is resolved and refused if any address is private, loopback, link-local,
-  reserved or multicast (unless allowed), and the connection goes to the checked address (no second lookup for a
-  rebinding DNS server to answer differently); redirects are re-checked hop by hop; the body is limited while it
-  streams. Connections are direct: no proxy from the environment is used.
+- URLs go through the one SSRF guard, engine/net.py: only http and https; every address of the host must be public
+  (unless allowed); the connection goes to the checked address (no second lookup for a rebinding DNS server);
+  redirects are re-checked hop by hop; the body is limited while it streams; no proxy from the environment.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import http.client
 import io
-import ipaddress
 import os
-import socket
-import ssl
 import struct
-import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -31,13 +25,11 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import net
 from .errors import InvalidRequestError
 
 DEFAULT_MAX_PIXELS = 16_777_216
 DEFAULT_MAX_BYTES = 50_000_000
-MAX_REDIRECTS = 5
-CHUNK = 64 * 1024
-USER_AGENT = "engine-image-fetch/1"
 SUPPORTED = "PNG, JPEG, WEBP, GIF, BMP, TIFF"
 ORIENTATION_TAG = 0x0112
 
@@ -225,117 +217,11 @@ def decode_data_uri(uri: str, *, field: str = "image_url", max_bytes: int = DEFA
 # ------------------------------------------------------------------------------------------------------- URLs
 
 
-def check_address(address: str) -> bool:
-    """True when `address` is a public unicast address (IPv4-mapped IPv6 judged by its IPv4 part)."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
-
-
-def resolve_host(host: str, port: int, *, allow_private: bool, field: str = "image_url") -> str:
-    """One address to connect to; every address the name resolves to must be public unless private is allowed."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError, OSError) as e:
-        raise InvalidRequestError(field, f"cannot resolve host {host!r} ({e})") from None
-    addresses = [info[4][0] for info in infos]
-    if not addresses:
-        raise InvalidRequestError(field, f"host {host!r} has no address")
-    if not allow_private:
-        blocked = [a for a in addresses if not check_address(a)]
-        if blocked:
-            raise InvalidRequestError(
-                field, f"host {host!r} resolves to a private, loopback, link-local or reserved address ({blocked[0]})",
-                "public http(s) URLs",
-            )
-    return addresses[0]
-
-
-class _PinnedHTTPConnection(http.client.HTTPConnection):
-    """HTTP to an already-checked address; the Host header still carries the name."""
-
-    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout)
-        self.pinned_address = address
-
-    def connect(self) -> None:
-        self.sock = socket.create_connection((self.pinned_address, self.port), self.timeout)
-
-
-class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    """HTTPS to an already-checked address; SNI and certificate checks use the name."""
-
-    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
-        self.tls_context = ssl.create_default_context()
-        super().__init__(host, port, timeout=timeout, context=self.tls_context)
-        self.pinned_address = address
-
-    def connect(self) -> None:
-        sock = socket.create_connection((self.pinned_address, self.port), self.timeout)
-        self.sock = self.tls_context.wrap_socket(sock, server_hostname=self.host)
+check_address = net.is_public_address  # the guard's address classification (kept under its old name)
 
 
 def fetch_url(url: str, *, field: str = "image_url", max_bytes: int = DEFAULT_MAX_BYTES,
               allow_private: bool = False, timeout_s: float = 20) -> bytes:
-    """GET an http(s) URL within `timeout_s` in total, following up to MAX_REDIRECTS checked redirects."""
-    deadline = time.monotonic() + timeout_s
-    for _ in range(MAX_REDIRECTS + 1):
-        conn, target = _open(url, field, allow_private, deadline)
-        try:
-            conn.request("GET", target, headers={"User-Agent": USER_AGENT, "Accept": "image/*"})
-            response = conn.getresponse()
-            if response.status in (301, 302, 303, 307, 308):
-                location = response.getheader("Location")
-                if not location:
-                    raise InvalidRequestError(field, f"redirect ({response.status}) without a Location")
-                url = urllib.parse.urljoin(url, location)
-                continue
-            if response.status != 200:
-                raise InvalidRequestError(field, f"fetching the image failed: HTTP {response.status} {response.reason}")
-            return _read_limited(response, field, max_bytes, deadline)
-        except (OSError, http.client.HTTPException) as e:
-            raise InvalidRequestError(field, f"fetching the image failed ({type(e).__name__}: {e})") from None
-        finally:
-            conn.close()
-    raise InvalidRequestError(field, f"more than {MAX_REDIRECTS} redirects")
-
-
-def _open(url: str, field: str, allow_private: bool, deadline: float) -> tuple[http.client.HTTPConnection, str]:
-    parts = urllib.parse.urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https"):
-        raise InvalidRequestError(field, f"URL scheme {scheme!r} is not accepted", "http, https, data")
-    try:
-        host, port = parts.hostname, parts.port or (443 if scheme == "https" else 80)
-    except ValueError as e:
-        raise InvalidRequestError(field, f"malformed URL ({e})") from None
-    if not host:
-        raise InvalidRequestError(field, "URL has no host")
-    address = resolve_host(host, port, allow_private=allow_private, field=field)
-    remaining = _remaining(deadline, field)
-    cls = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
-    target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
-    return cls(host, port, address, remaining), target
-
-
-def _remaining(deadline: float, field: str) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise InvalidRequestError(field, "fetching the image timed out")
-    return left
-
-
-def _read_limited(response: http.client.HTTPResponse, field: str, max_bytes: int, deadline: float) -> bytes:
-    declared = response.getheader("Content-Length")
-    if declared and declared.isdigit():
-        _check_size(int(declared), max_bytes, field)
-    chunks, total = [], 0
-    while True:
-        _remaining(deadline, field)
-        chunk = response.read(CHUNK)
-        if not chunk:
-            return b"".join(chunks)
-        total += len(chunk)
-        _check_size(total, max_bytes, field)
-        chunks.append(chunk)
+    """GET an http(s) URL through the SSRF guard (engine/net.py): pinned resolution, checked redirects, capped."""
+    return net.fetch(url, field=field, max_bytes=max_bytes, allow_private=allow_private, timeout_s=timeout_s,
+                     accept="image/*")

@@ -12,22 +12,24 @@ unfused. A compiled model gets its slots before compiling (compiler pass lora_sl
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import InvalidRequestError, ModelLoadError
+from .errors import InvalidRequestError, ModelLoadError, RefusedSourceError
 from .families import get_family
+from .loading import is_hub_id
 from .loading.stock import build_stock_pipeline
 from .paths import cache_dir, file_sha256
+
+if TYPE_CHECKING:
+    from .net import Download
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +56,14 @@ class ResolvedLora:
     scale: float
 
 
-def _store(data: bytes) -> tuple[str, Path]:
-    """Keep downloaded bytes under the cache, named by their hash (a second download of the same file is free)."""
-    sha = hashlib.sha256(data).hexdigest()
-    target = cache_dir() / "loras" / f"{sha}.safetensors"
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    return sha, target
+def _keep(download: "Download") -> Path:
+    """Move a streamed download under the cache, named by its hash (a second download of the same file is free)."""
+    target = cache_dir() / "loras" / f"{download.sha256}.safetensors"
+    if target.is_file():
+        download.path.unlink(missing_ok=True)
+    else:
+        os.replace(download.path, target)
+    return target
 
 
 def _check_safetensors(path: Path, field: str) -> None:
@@ -81,14 +80,29 @@ def _check_safetensors(path: Path, field: str) -> None:
 
 
 def resolve_lora(spec: LoraSpec, index: int, *, allow_private_urls: bool = False) -> ResolvedLora:
-    """Find the adapter's file (downloading it if needed) and identify it by content hash."""
+    """Find the adapter's file (downloading it if needed) and identify it by content hash.
+
+    Trusted callers (the Python API): a local file, an http(s) URL, or a hub file. Untrusted callers (see
+    `loading.caller_policy`): an http(s) URL or a hub file only; a path is refused with the same text whether or
+    not it exists, and a hub file must be cached unless hub downloads are allowed."""
+    from .loading import caller_policy
+
+    policy = caller_policy()
     field = f"loras.{index}.path"
     path = spec.path.strip()
     if path.startswith(("http://", "https://")):
-        from .images import fetch_url
+        from .net import download
 
-        data = fetch_url(path, field=field, max_bytes=MAX_LORA_BYTES, allow_private=allow_private_urls, timeout_s=300)
-        sha, file = _store(data)
+        fetched = download(path, cache_dir() / "loras", field=field, max_bytes=MAX_LORA_BYTES, timeout_s=300,
+                           allow_private=allow_private_urls if policy.trusted else policy.allow_private_urls)
+        sha, file = fetched.sha256, _keep(fetched)
+    elif not policy.trusted:
+        hub = HUB_FILE.match(path)
+        if "://" in path or hub is None or ".." in path or not is_hub_id(hub.group(1)):
+            raise RefusedSourceError(field, "must be an http(s) URL or a hub file",
+                                     "URL, owner/name[/file.safetensors]")
+        file = _from_hub(path, field, download=policy.allow_hub_downloads, caller_trusted=False)
+        sha = file_sha256(file)
     elif Path(path).expanduser().is_file():
         file = Path(path).expanduser().resolve()
         if file.suffix != ".safetensors":
@@ -106,15 +120,34 @@ def resolve_lora(spec: LoraSpec, index: int, *, allow_private_urls: bool = False
     return ResolvedLora(sha256=sha, file=file, scale=spec.scale)
 
 
-def _from_hub(path: str, field: str) -> Path:
+def _check_hub_file_size(repo: str, name: str, field: str) -> None:
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo, name), str):
+        return
+    size = get_hf_file_metadata(hf_hub_url(repo, name), timeout=30).size
+    if size is None or size > MAX_LORA_BYTES:
+        raise InvalidRequestError(field, f"{name} of hub repository {repo} is {size} bytes, over the limit",
+                                  f"at most {MAX_LORA_BYTES} bytes")
+
+
+def _from_hub(path: str, field: str, download: bool = True, caller_trusted: bool = True) -> Path:
     from huggingface_hub import hf_hub_download
 
     match = HUB_FILE.match(path)
     assert match is not None
     repo, name = match.group(1), match.group(2) or "pytorch_lora_weights.safetensors"
     try:
-        return Path(hf_hub_download(repo, name))
+        if download and not caller_trusted:  # a remote caller's download: capped before a byte is fetched
+            _check_hub_file_size(repo, name, field)
+        return Path(hf_hub_download(repo, name, local_files_only=not download))
+    except InvalidRequestError:
+        raise
     except Exception as e:
+        if not download:
+            raise RefusedSourceError(field, f"{name} of hub repository {repo} is not in this server's cache, and "
+                                     "hub downloads are off for remote callers (engine serve --allow-hub-downloads)"
+                                     ) from None
         raise InvalidRequestError(field, f"could not fetch {name} from hub repository {repo} "
                                   f"({type(e).__name__}); pass a local file or URL instead") from None
 

@@ -12,14 +12,14 @@ import asyncio
 import json
 import logging
 import threading
-import urllib.request
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, Mapping
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterator, Mapping
 
-from .endpoints import EndpointTable, PreparedCall, check_public_host, prepare
-from .errors import EngineError, InvalidRequestError
+from . import net
+from .endpoints import EndpointTable, PreparedCall, prepare
+from .errors import EngineError
+from .loading import CallerPolicy, as_caller, check_untrusted_model
 from .runtime.files import FileStore
 from .runtime.queue import Job, JobQueue, JobState
 
@@ -206,24 +206,56 @@ async def wait_change_async(job: Job, version: int, timeout: float | None) -> in
 
 # -- the service ---------------------------------------------------------------------------------------------------
 class FalService:
-    """fal's API bound to one engine. `trusted`: callers may name local files (False for HTTP clients)."""
+    """fal's API bound to one engine.
+
+    `trusted=False` (the default; the HTTP server always) treats callers as remote: model names are registry ids or
+    hub ids (owner/name), never local paths, and a hub id must be in the local HF cache unless `allow_hub_downloads`;
+    LoRAs are http(s) URLs or hub files; images are URLs or data URIs. `allow_models` (an allow-list) restricts
+    untrusted callers to those names. Models the operator mapped to an endpoint are always served. `trusted=True`
+    (what `Engine.run` and friends use): local paths are fine."""
 
     def __init__(self, engine: "Engine", *, endpoint_overrides: Mapping[str, str] | None = None,
-                 allow_private_urls: bool = False, trusted: bool = True, files: FileStore | None = None,
-                 queue: JobQueue | None = None, timeout_s: float | None = None):
+                 allow_private_urls: bool = False, trusted: bool = False, files: FileStore | None = None,
+                 queue: JobQueue | None = None, timeout_s: float | None = None,
+                 allow_models: Iterable[str] = (), allow_hub_downloads: bool = False):
         self.engine = engine
         self.table = EndpointTable(endpoint_overrides)
         self.allow_private_urls = allow_private_urls
         self.trusted = trusted
+        self.allow_models = frozenset(allow_models)
+        self.allow_hub_downloads = allow_hub_downloads
         self.files = files or FileStore()
         self.queue = queue or queue_for(engine)
         self.timeout_s = timeout_s
 
+    @property
+    def caller_policy(self) -> CallerPolicy:
+        return CallerPolicy(trusted=self.trusted, allow_models=self.allow_models,
+                            allow_hub_downloads=self.allow_hub_downloads, allow_private_urls=self.allow_private_urls)
+
+    def _operator_models(self) -> set[str]:
+        """Every model the endpoint table names (configs/endpoints.yaml and --endpoint): the operator's choices."""
+        names: set[str] = set()
+        for choice in self.table.as_dict().values():
+            if isinstance(choice, str):
+                names.add(choice)
+            elif isinstance(choice, dict):
+                names.update(v for v in choice.values() if isinstance(v, str))
+        return names
+
     # -- building blocks (the server uses these) -----------------------------------------------------------------
     def prepare(self, app_id: str, arguments: Any) -> PreparedCall:
         """Validate (422 before queueing) and fetch inputs; may block on the network (image URLs)."""
-        return prepare(app_id, arguments, engine=self.engine, table=self.table, trusted=self.trusted,
+        call = prepare(app_id, arguments, engine=self.engine, table=self.table, trusted=self.trusted,
                        allow_private_urls=self.allow_private_urls)
+        policy = self.caller_policy
+        if not policy.trusted:
+            if call.model in self._operator_models():
+                policy = policy.with_pinned(call.model)  # the operator mapped it: served as configured
+            else:
+                check_untrusted_model(call.model, policy)  # a 422 now, not a failed job later
+        call.caller = policy  # type: ignore[attr-defined]
+        return call
 
     def enqueue(self, call: PreparedCall, *, base_url: str | None = None, webhook_url: str | None = None,
                 want_previews: bool = False, timeout_s: float | None = None,
@@ -231,12 +263,16 @@ class FalService:
         if webhook_url is not None:
             self._check_webhook(webhook_url)
         engine, files = self.engine, self.files
+        # The policy the call was prepared under; a call prepared elsewhere gets this service's.
+        caller = getattr(call, "caller", None) or self.caller_policy
 
         def run(ctx: Any) -> dict[str, Any]:
             for note in call.notes:
                 ctx.log(note)
             ctx.log(f"running {call.app_id} on {call.model}")
-            return call.render(call.execute(engine, ctx), files, base_url)
+            with as_caller(caller):  # model and LoRA resolution on the worker see who asked
+                result = call.execute(engine, ctx)
+            return call.render(result, files, base_url)
 
         job = self.queue.submit(run, app_id=call.app_id, timeout_s=timeout_s or self.timeout_s,
                                 start_timeout_s=start_timeout_s, want_previews=want_previews,
@@ -355,16 +391,7 @@ class FalService:
 
     # -- webhooks ------------------------------------------------------------------------------------------------
     def _check_webhook(self, url: str) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise InvalidRequestError("fal_webhook", "must be an http(s) URL")
-        if not self.allow_private_urls:
-            check_public_host(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), "fal_webhook")
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:  # a redirect could point anywhere: don't follow
-        return None
+        net.check_url(url, field="fal_webhook", allow_private=self.allow_private_urls)
 
 
 def _start_webhook(url: str, job: Job, allow_private_urls: bool) -> None:
@@ -373,7 +400,8 @@ def _start_webhook(url: str, job: Job, allow_private_urls: bool) -> None:
 
 
 def _deliver_webhook(url: str, job: Job, allow_private_urls: bool) -> None:
-    """POST fal's webhook body once (the host is re-checked at delivery time; redirects are not followed)."""
+    """POST fal's webhook body once through the SSRF guard (resolved and checked again at delivery, connected to the
+    checked address; redirects are not followed)."""
     body: dict[str, Any] = {"request_id": job.id, "gateway_request_id": job.id}
     if job.error is None:
         body.update(status="OK", payload=job.result, error=None)
@@ -381,13 +409,9 @@ def _deliver_webhook(url: str, job: Job, allow_private_urls: bool) -> None:
         body.update(status="ERROR", payload={"detail": str(job.error), "error_type": error_type_of(job.error)},
                     error=str(job.error))
     try:
-        parts = urlsplit(url)
-        if not allow_private_urls:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-            check_public_host(parts.hostname or "", port, "fal_webhook")
-        request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                         headers={"Content-Type": "application/json"})
-        urllib.request.build_opener(_NoRedirect).open(request, timeout=15).close()
+        status = net.post_json(url, json.dumps(body).encode(), field="fal_webhook", allow_private=allow_private_urls)
+        if status >= 300:
+            log.warning("webhook for %s to %s answered HTTP %s", job.id, url, status)
     except Exception as e:  # noqa: BLE001 - a failed delivery is logged, never fatal
         log.warning("webhook for %s to %s failed: %s", job.id, url, e)
 
@@ -404,7 +428,7 @@ class FalMixin:
             with FalMixin._fal_lock:
                 service = self.__dict__.get("_fal_service")
                 if service is None:
-                    service = FalService(self)  # type: ignore[arg-type]
+                    service = FalService(self, trusted=True)  # type: ignore[arg-type] - the Python API
                     self.__dict__["_fal_service"] = service
         return service
 

@@ -2,24 +2,126 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-from ..errors import ModelLoadError, ModelNotFoundError
+from ..errors import ModelLoadError, ModelNotFoundError, RefusedSourceError
 from ..families import FamilySpec, get_family
 from ..registry import ModelSpec, find_spec, get_spec, registry
 from .dtypes import TorchDtype
-from .pretrained import fetch_hub_model, folder_family, load_folder, read_model_index
+from .pretrained import cached_snapshot, fetch_hub_model, folder_family, load_folder, read_model_index
 
 log = logging.getLogger(__name__)
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# A Hugging Face repository id, owner/name: what an untrusted caller may name besides a registry id. Neither part
+# may start or end with "." or "-", or hold "..", so no spelling of it is a path that climbs out of anywhere.
+_HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+HUB_ID = re.compile(rf"^{_HUB_PART}/{_HUB_PART}$")
+MAX_HUB_DOWNLOAD_BYTES = 40_000_000_000  # an untrusted caller's hub download (SDXL fp32 is ~14 GB, FLUX ~34 GB)
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
+
+
+def is_hub_id(name: str) -> bool:
+    return bool(HUB_ID.match(name)) and ".." not in name and "--" not in name
+
+
+# -- who is asking -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CallerPolicy:
+    """What the current caller may name. The Python `Engine` API is trusted (local paths, any hub id). Untrusted
+    callers (HTTP, the fal-style service unless trusted=True) name registry ids or hub ids (owner/name) only; a hub
+    id must already be in the local HF cache unless `allow_hub_downloads`. `allow_models`, when not empty, is the
+    operator's allow-list: only those names; an allow-listed hub id is still never read as a local folder, but may be
+    downloaded (the operator named it). `pinned` are the models the operator mapped to the endpoint being called:
+    loaded exactly as a trusted caller would name them. Every untrusted hub download is capped (`max_hub_bytes`)."""
+
+    trusted: bool = True
+    allow_models: frozenset[str] = frozenset()
+    allow_hub_downloads: bool = False
+    allow_private_urls: bool = False
+    max_hub_bytes: int = MAX_HUB_DOWNLOAD_BYTES  # cap on one hub download for an untrusted caller
+    pinned: frozenset[str] = frozenset()
+
+    def with_pinned(self, *names: str) -> "CallerPolicy":
+        return dataclasses.replace(self, pinned=self.pinned | frozenset(names))
+
+
+TRUSTED = CallerPolicy()
+_CALLER: contextvars.ContextVar[CallerPolicy] = contextvars.ContextVar("engine_caller", default=TRUSTED)
+
+
+def caller_policy() -> CallerPolicy:
+    """The policy of the caller this thread (or task) is working for; trusted unless `as_caller` says otherwise."""
+    return _CALLER.get()
+
+
+@contextlib.contextmanager
+def as_caller(policy: CallerPolicy) -> Iterator[None]:
+    token = _CALLER.set(policy)
+    try:
+        yield
+    finally:
+        _CALLER.reset(token)
+
+
+def hub_snapshot_bytes(repo_id: str) -> int:
+    """What `fetch_hub_model` would download for `repo_id` (the files its patterns select), from the hub's listing."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import filter_repo_objects
+
+    from .pretrained import HUB_ALLOW_PATTERNS, HUB_IGNORE_PATTERNS
+
+    info = HfApi().model_info(repo_id, files_metadata=True, timeout=30)
+    files = filter_repo_objects(info.siblings or [], allow_patterns=HUB_ALLOW_PATTERNS,
+                                ignore_patterns=HUB_IGNORE_PATTERNS, key=lambda f: f.rfilename)
+    return sum(f.size or 0 for f in files)
+
+
+def _download_for_untrusted(model: str, policy: CallerPolicy) -> Path:
+    """A hub snapshot an untrusted caller asked for, downloaded only when its listed size is under the cap."""
+    try:
+        size = hub_snapshot_bytes(model)
+    except Exception as e:  # noqa: BLE001 - offline, missing, gated: the same answer as a failed download
+        raise RefusedSourceError("model_name", f"hub repository {model!r} is not in this server's model cache and "
+                                 f"its size could not be read from the hub ({type(e).__name__})") from None
+    if size > policy.max_hub_bytes:
+        raise RefusedSourceError("model_name", f"hub repository {model!r} is {size} bytes, over this server's "
+                                 "download limit", f"at most {policy.max_hub_bytes} bytes")
+    return fetch_hub_model(model)
+
+
+UNTRUSTED_MODEL = "must be a registry id or a hub repository id (owner/name)"
+
+
+def check_untrusted_model(name: str, policy: CallerPolicy, field: str = "model_name") -> str:
+    """How an untrusted caller's model name is served: "pinned" (the operator's endpoint mapping), "allowed" (the
+    operator's allow-list), "registry", or "hub" (in the local cache, or downloads allowed). Otherwise a
+    `RefusedSourceError` (422) whose text depends on the name only, never on what exists on this machine's disk."""
+    if policy.trusted:
+        return "trusted"
+    if name in policy.pinned:
+        return "pinned"
+    if name in policy.allow_models:
+        return "allowed"
+    if policy.allow_models:
+        raise RefusedSourceError(field, "this server serves only the models it allows", ", ".join(sorted(
+            policy.allow_models)))
+    if find_spec(name) is not None:
+        return "registry"
+    if not is_hub_id(name):
+        raise RefusedSourceError(field, UNTRUSTED_MODEL, "ids from `engine models`, owner/name")
+    if not policy.allow_hub_downloads and cached_snapshot(name) is None:
+        raise RefusedSourceError(field, f"hub repository {name!r} is not in this server's model cache, and hub "
+                                 "downloads are off for remote callers (engine serve --allow-hub-downloads)")
+    return "hub"
 
 
 @dataclass
@@ -142,6 +244,16 @@ def load_model(model: str, *, torch_dtype: TorchDtype = torch.float32, allow_pic
     `config` (registry id or folder) names the architecture of a single file whose shapes match no shipped config.
     """
     _quiet_progress_bars()
+    policy = caller_policy()
+    how = check_untrusted_model(model, policy)
+    if how in ("hub", "allowed") and find_spec(model) is None and is_hub_id(model):
+        # Never a local path, whatever the name looks like: the hub cache (or a capped download, when allowed) only.
+        folder = cached_snapshot(model)
+        if folder is None and (policy.allow_hub_downloads or how == "allowed"):
+            folder = _download_for_untrusted(model, policy)
+        if folder is None:  # evicted from the cache since the check
+            raise RefusedSourceError("model_name", f"hub repository {model!r} is not in this server's model cache")
+        return _from_folder(model, folder, None, torch_dtype, allow_pickle)
     spec = find_spec(model)
     if spec is not None:
         if spec.family_spec.task != "text-to-image":

@@ -34,6 +34,12 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                        help="runtime of the denoiser and VAE decoder (LoRA requests need torch)")
     serve.add_argument("--allow-private-urls", action="store_true",
                        help="let image_url / webhooks reach private, loopback and link-local addresses")
+    serve.add_argument("--allow-model", action="append", default=[], metavar="ID",
+                       help="allow-list: HTTP callers may name only these models (registry or hub ids; repeatable); "
+                            "models mapped with --endpoint are always served")
+    serve.add_argument("--allow-hub-downloads", action="store_true",
+                       help="let HTTP callers name hub ids that are not in the local HF cache (downloads them); off by "
+                            "default: such a request is refused with a 422")
     serve.add_argument("--timeout", type=float, help="per-request limit in seconds (queueing plus running)")
     serve.add_argument("--files-dir", help="where outputs are kept (default: a temporary folder)")
     serve.add_argument("--retention", type=float, default=3600.0,
@@ -77,6 +83,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(engine, api_key=args.api_key, allow_private_urls=args.allow_private_urls,
                      endpoint_overrides=overrides, timeout_s=args.timeout, retention_s=args.retention,
                      files=FileStore(args.files_dir, ttl_s=args.retention) if args.files_dir else None)
+    # HTTP callers are untrusted (create_app): registry or hub ids only, never local paths.
+    app.state.service.allow_models = frozenset(args.allow_model)
+    app.state.service.allow_hub_downloads = args.allow_hub_downloads
     if args.preload:
         table = app.state.service.table
         for app_id in ENDPOINTS:
