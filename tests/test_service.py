@@ -251,7 +251,8 @@ def test_cancel_queued_and_running(fal):
 
 
 def test_job_error_completes_with_error_and_service_keeps_working(engine):
-    service = FalService(engine, endpoint_overrides={"fal-ai/fast-sdxl": "tiny-sdxl"})
+    # trusted: an untrusted caller's uncached hub id is refused before queueing (tests/test_untrusted.py)
+    service = FalService(engine, endpoint_overrides={"fal-ai/fast-sdxl": "tiny-sdxl"}, trusted=True)
     handle = service.submit("fal-ai/lora", {"model_name": "nobody/no-such-model-here", "prompt": "x", **SMALL})
     with pytest.raises(errors.ModelNotFoundError):
         handle.get(timeout=60)
