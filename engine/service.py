@@ -21,6 +21,7 @@ from .endpoints import EndpointTable, PreparedCall, prepare
 from .errors import EngineError
 from .loading import CallerPolicy, as_caller, check_untrusted_model
 from .runtime.files import FileStore
+from .runtime.jobstore import StoredJob
 from .runtime.queue import Job, JobQueue, JobState
 
 if TYPE_CHECKING:
@@ -110,14 +111,23 @@ _QUEUES: "weakref.WeakKeyDictionary[Any, JobQueue]" = weakref.WeakKeyDictionary(
 _QUEUES_LOCK = threading.Lock()
 
 
-def queue_for(engine: "Engine") -> JobQueue:
-    """The engine's job queue (created on first use): one worker, since an engine drives one device."""
+def queue_for(engine: "Engine", factory: Callable[[], JobQueue] | None = None) -> JobQueue:
+    """The engine's job queue (created on first use, by `factory` if given): one worker, since an engine drives one
+    device."""
     with _QUEUES_LOCK:
         queue = _QUEUES.get(engine)
         if queue is None:
-            queue = JobQueue(name=str(getattr(engine, "device", "device")))
+            queue = factory() if factory is not None else JobQueue(name=str(getattr(engine, "device", "device")))
             _QUEUES[engine] = queue
         return queue
+
+
+def close_queue(engine: "Engine", timeout: float | None = 10.0) -> None:
+    """Stop the engine's job queue (its threads; a running job ends `interrupted`) and forget it."""
+    with _QUEUES_LOCK:
+        queue = _QUEUES.pop(engine, None)
+    if queue is not None:
+        queue.close(timeout)
 
 
 # -- handles -------------------------------------------------------------------------------------------------------
@@ -255,11 +265,12 @@ class FalService:
             else:
                 check_untrusted_model(call.model, policy)  # a 422 now, not a failed job later
         call.caller = policy  # type: ignore[attr-defined]
+        call.arguments = arguments  # type: ignore[attr-defined]  # for a durable job store (see `resume`)
         return call
 
     def enqueue(self, call: PreparedCall, *, base_url: str | None = None, webhook_url: str | None = None,
                 want_previews: bool = False, timeout_s: float | None = None,
-                start_timeout_s: float | None = None) -> Job:
+                start_timeout_s: float | None = None, job_id: str | None = None) -> Job:
         if webhook_url is not None:
             self._check_webhook(webhook_url)
         engine, files = self.engine, self.files
@@ -274,12 +285,32 @@ class FalService:
                 result = call.execute(engine, ctx)
             return call.render(result, files, base_url)
 
+        arguments = getattr(call, "arguments", None)  # kept by `prepare`: a durable queue can run it again
+        record = None if arguments is None else {"arguments": arguments, "webhook_url": webhook_url,
+                                                 "timeout_s": timeout_s}
         job = self.queue.submit(run, app_id=call.app_id, timeout_s=timeout_s or self.timeout_s,
                                 start_timeout_s=start_timeout_s, want_previews=want_previews,
-                                meta={"model": call.model, "base_url": base_url})
+                                meta={"model": call.model, "base_url": base_url}, record=record, job_id=job_id)
         if webhook_url is not None:
             job.add_done_callback(lambda j: _start_webhook(webhook_url, j, self.allow_private_urls))
         return job
+
+    def resume(self, stored: StoredJob) -> Job:
+        """Queue a job read back from a durable store again, under its id (validated again, as any request)."""
+        record = stored.record or {}
+        return self.enqueue(self.prepare(stored.app_id, record.get("arguments")),
+                            base_url=stored.meta.get("base_url"), webhook_url=record.get("webhook_url"),
+                            timeout_s=record.get("timeout_s"), job_id=stored.id)
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Stop the queue's threads (a running job ends `interrupted`; a durable store keeps queued ones for the next
+        start) and the file store's purge; temporary outputs are removed."""
+        with _QUEUES_LOCK:
+            for engine, queue in list(_QUEUES.items()):
+                if queue is self.queue:
+                    del _QUEUES[engine]
+        self.queue.close(timeout)
+        self.files.close()
 
     def job(self, request_id: str) -> Job:
         job = self.queue.get(request_id)

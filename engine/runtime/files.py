@@ -1,8 +1,11 @@
 """Output store: encode images once, hand back fal `Image` objects whose `url` is a data URI (`sync_mode`), a server
 URL (`{base_url}files/{key}`) or, for the in-process API, a `file://` URI.
 
-Files live in one directory with random names and are deleted after a TTL, so a long-running server does not fill
-its disk; keys are validated on read so `/files/...` can serve nothing but what the store wrote.
+Files live in one directory with random names and are deleted after a TTL (counted from the file's modification
+time, so a restarted server with the same directory keeps serving them until then), by a periodic purge, so a
+long-running server does not fill its disk; a file written by a queued job is also removed with that job's result
+(count and byte retention). Keys are validated on read so `/files/...` can serve nothing but what the store wrote.
+`close()` stops the purge thread and removes the directory when the store made it (a temporary one).
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ from __future__ import annotations
 import base64
 import io
 import re
+import logging
 import secrets
+import shutil
 import tempfile
 import threading
 import time
@@ -19,6 +24,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from PIL import Image
+
+from .queue import note_file
+
+log = logging.getLogger(__name__)
 
 ImageFormat = Literal["jpeg", "png"]
 CONTENT_TYPES: dict[str, str] = {"jpeg": "image/jpeg", "png": "image/png"}
@@ -48,54 +57,109 @@ class StoredFile:
 
 
 class FileStore:
-    """Thread-safe store of output files with a time-to-live (seconds)."""
+    """Thread-safe store of output files with a time-to-live (seconds). `root` None: a temporary directory, removed
+    on `close()`."""
 
-    def __init__(self, root: str | Path | None = None, *, ttl_s: float = 3600.0):
+    def __init__(self, root: str | Path | None = None, *, ttl_s: float = 3600.0,
+                 purge_interval_s: float | None = None):
+        self.temporary = root is None
         self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="engine-files-"))
         self.root.mkdir(parents=True, exist_ok=True)
         self.ttl_s = ttl_s
+        self.purge_interval_s = purge_interval_s or max(1.0, min(60.0, ttl_s / 2))
         self._lock = threading.Lock()
-        self._expiry: dict[str, float] = {}
-        self._last_purge = time.monotonic()
+        self._stop = threading.Event()
+        self._janitor: threading.Thread | None = None
+        self.closed = False
 
     def put(self, data: bytes, fmt: ImageFormat) -> StoredFile:
+        if self.closed:
+            raise RuntimeError("the file store is closed")
         key = f"{secrets.token_urlsafe(18)}.{fmt}"
         path = self.root / key
         path.write_bytes(data)
-        with self._lock:
-            self._expiry[key] = time.monotonic() + self.ttl_s
-        self._maybe_purge()
+        note_file(key, str(path), len(data))
+        self._start_janitor()
         return StoredFile(key, path, CONTENT_TYPES[fmt], len(data))
 
     def get(self, key: str) -> StoredFile | None:
         """The file for `key`, or None when unknown, malformed or expired."""
         if not _KEY.match(key):
             return None
-        with self._lock:
-            expiry = self._expiry.get(key)
-        if expiry is None or expiry < time.monotonic():
-            return None
         path = self.root / key
-        if not path.is_file():
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        if not path.is_file() or st.st_mtime + self.ttl_s < time.time():
             return None
         fmt = key.rsplit(".", 1)[1]
-        return StoredFile(key, path, CONTENT_TYPES[fmt], path.stat().st_size)
+        return StoredFile(key, path, CONTENT_TYPES[fmt], st.st_size)
+
+    def delete(self, key: str) -> bool:
+        if not _KEY.match(key):
+            return False
+        try:
+            (self.root / key).unlink()
+            return True
+        except FileNotFoundError:
+            return False
 
     def purge(self) -> int:
         """Delete expired files; returns how many."""
-        now = time.monotonic()
-        with self._lock:
-            expired = [k for k, t in self._expiry.items() if t < now]
-            for k in expired:
-                del self._expiry[k]
-            self._last_purge = now
-        for k in expired:
-            (self.root / k).unlink(missing_ok=True)
-        return len(expired)
+        cutoff = time.time() - self.ttl_s
+        count = 0
+        try:
+            entries = list(self.root.iterdir())
+        except FileNotFoundError:
+            return 0
+        for path in entries:
+            if not _KEY.match(path.name):
+                continue
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    count += 1
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("could not remove %s: %s", path, e)
+        return count
 
-    def _maybe_purge(self) -> None:
-        if time.monotonic() - self._last_purge > min(60.0, self.ttl_s):
+    def close(self) -> None:
+        """Stop the purge thread; remove the directory if it is temporary, else only expired files. Idempotent."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            janitor = self._janitor
+        self._stop.set()
+        if janitor is not None and janitor is not threading.current_thread():
+            janitor.join(10)
+        if self.temporary:
+            shutil.rmtree(self.root, ignore_errors=True)
+        else:
             self.purge()
+
+    def __enter__(self) -> "FileStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _start_janitor(self) -> None:
+        with self._lock:
+            if self._janitor is not None or self.closed:
+                return
+            self._janitor = threading.Thread(target=self._janitor_loop, name="engine-files-janitor", daemon=True)
+            self._janitor.start()
+
+    def _janitor_loop(self) -> None:
+        while not self._stop.wait(self.purge_interval_s):
+            try:
+                self.purge()
+            except Exception:  # noqa: BLE001 - a failed sweep is retried next time
+                log.exception("file store purge failed")
 
     def image_object(self, image: Image.Image, fmt: ImageFormat, *, sync_mode: bool,
                      base_url: str | None) -> dict[str, Any]:

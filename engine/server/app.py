@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from pathlib import Path
 from typing import Any, Mapping
 
 from fastapi import Depends, FastAPI, Request
@@ -24,8 +25,10 @@ from starlette.concurrency import run_in_threadpool
 from ..endpoints import ENDPOINTS, AppNotFoundError
 from ..errors import EngineError, InvalidRequestError
 from ..runtime.files import FileStore
+from ..runtime.jobstore import JobStore
+from ..runtime.queue import durable_queue
 from ..runtime.queue import Job, JobTimeoutError
-from ..service import FalService, RequestNotFoundError, error_type_of, job_result, job_status, status_json
+from ..service import FalService, RequestNotFoundError, error_type_of, job_result, job_status, queue_for, status_json
 from ..service import wait_change_async
 from .metrics import Metrics
 
@@ -94,14 +97,20 @@ def _float_header(request: Request, name: str) -> float | None:
 
 def create_app(engine: Any, *, api_key: str | None = None, allow_private_urls: bool = False,
                endpoint_overrides: Mapping[str, str] | None = None, files: FileStore | None = None,
-               timeout_s: float | None = None, retention_s: float | None = None) -> FastAPI:
+               timeout_s: float | None = None, retention_s: float | None = None,
+               state_dir: "str | Path | JobStore | None" = None, max_jobs: int | None = None,
+               max_bytes: int | None = None) -> FastAPI:
     """The ASGI app serving `engine`. HTTP callers are untrusted: no local paths, no private URLs unless allowed.
-    `retention_s` keeps results (and output files) that long after completion (default: an hour)."""
-    files = files or FileStore(ttl_s=retention_s or 3600.0)
+    `retention_s` keeps results (and output files) that long after completion (default: an hour), at most `max_jobs`
+    of them in at most `max_bytes`. `state_dir` (a folder or an open `JobStore`; None: a temporary one) holds the
+    durable job store and, unless `files` is given, the output files: a server restarted on it serves completed
+    results, re-runs queued jobs (at startup) and reports jobs that were running as `interrupted`."""
+    queue = queue_for(engine, lambda: durable_queue(str(getattr(engine, "device", "device")), state_dir,
+                                                    retention_s=retention_s, max_jobs=max_jobs, max_bytes=max_bytes))
+    files = files or FileStore(queue.store.files_dir if queue.store and not queue.store.temporary else None,
+                               ttl_s=retention_s or 3600.0)
     service = FalService(engine, endpoint_overrides=endpoint_overrides, allow_private_urls=allow_private_urls,
-                         trusted=False, files=files, timeout_s=timeout_s)
-    if retention_s is not None:
-        service.queue.retention_s = retention_s
+                         trusted=False, files=files, timeout_s=timeout_s, queue=queue)
     metrics = Metrics()
     expected = f"Key {api_key}".encode() if api_key else None
 
@@ -115,6 +124,9 @@ def create_app(engine: Any, *, api_key: str | None = None, allow_private_urls: b
     app = FastAPI(title="engine", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
     app.state.metrics = metrics
+    # the job store: queued jobs of the last run go again once the app starts (after the caller's policy is set)
+    app.router.on_startup.append(lambda: queue.recover(service.resume) and None)
+    app.router.on_shutdown.append(lambda: service.close(timeout=5.0))
 
     @app.exception_handler(EngineError)
     async def _engine_error(request: Request, error: EngineError) -> JSONResponse:

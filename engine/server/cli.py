@@ -44,6 +44,12 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     serve.add_argument("--files-dir", help="where outputs are kept (default: a temporary folder)")
     serve.add_argument("--retention", type=float, default=3600.0,
                        help="seconds results and output files are kept after completion")
+    serve.add_argument("--state-dir", help="durable job store (SQLite) and output files: a restarted server serves "
+                       "completed results, re-runs queued jobs, reports running ones as interrupted (default: "
+                       "$ENGINE_CACHE_DIR/state when ENGINE_CACHE_DIR is set, else a temporary folder)")
+    serve.add_argument("--max-jobs", type=int, default=1000, help="finished jobs kept at most (oldest go first)")
+    serve.add_argument("--max-result-bytes", type=int, default=1 << 30,
+                       help="bytes of kept results plus output files at most (oldest go first)")
     serve.add_argument("--preload", action="store_true", help="load the text-to-image models of every app first")
     serve.add_argument("--log-level", default="info")
     from ..runtime.planner import add_memory_arguments
@@ -77,12 +83,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
         print("error: --ssl-certfile and --ssl-keyfile go together", file=sys.stderr)
         return 2
+    from ..runtime.jobstore import StateDirLockedError, default_state_dir, open_store
+
+    try:  # a named state dir another server holds is an error; the default one falls back to a temporary dir
+        state = open_store(args.state_dir or default_state_dir(), explicit=bool(args.state_dir))
+    except StateDirLockedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     engine = Engine(device=args.device, opt_level=args.opt_level, allow_private_urls=args.allow_private_urls,
                     compile_config={"backend": args.backend} if args.backend else None,
                     **engine_memory_kwargs(args))
     app = create_app(engine, api_key=args.api_key, allow_private_urls=args.allow_private_urls,
                      endpoint_overrides=overrides, timeout_s=args.timeout, retention_s=args.retention,
-                     files=FileStore(args.files_dir, ttl_s=args.retention) if args.files_dir else None)
+                     files=FileStore(args.files_dir, ttl_s=args.retention) if args.files_dir else None,
+                     state_dir=state, max_jobs=args.max_jobs, max_bytes=args.max_result_bytes)
     # HTTP callers are untrusted (create_app): registry or hub ids only, never local paths.
     app.state.service.allow_models = frozenset(args.allow_model)
     app.state.service.allow_hub_downloads = args.allow_hub_downloads
@@ -96,5 +110,5 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 engine.load(model)
     uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
                 log_level=args.log_level, workers=1, timeout_graceful_shutdown=5)
-    app.state.service.queue.shutdown(cancel_pending=True, timeout=5.0)
+    app.state.service.close(timeout=5.0)  # threads stopped; a durable store keeps queued jobs for the next start
     return 0
