@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
+import time
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from .errors import EngineError
 
@@ -22,48 +25,175 @@ def _output_paths(out: str, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(count)]
 
 
+# Log lines from libraries that tell the user of the command nothing they can act on: (logger, message pattern).
+# Filtered by the CLI only (`filter_library_noise`, from `main`); library users of `engine` see them as the
+# libraries intend.
+# torchao comes in through diffusers (its quantizers import it whenever it is installed), not through the engine.
+LIBRARY_NOISE: tuple[tuple[str, str], ...] = (
+    ("torchao", r"Failed to load .*\.so"),  # native kernels built for another torch / Python / CUDA
+    ("torchao.kernel.intmm", r".*Detected no triton"),  # CPU-only torch
+    ("torch.utils._pytree", r".*is an Enum subclass and is now natively supported"),  # torchao's registrations
+    ("diffusers.quantizers.torchao.torchao_quantizer", r"Unable to import `torchao` Tensor objects"),
+    # the untruncated tokenization that measures what a long prompt loses (the engine's own line says what was cut)
+    ("transformers.tokenization_utils_base", r"Token indices sequence length is longer than the specified maximum"),
+)
+# Python warnings of the same kind: (category, message pattern), matched from the message's start.
+LIBRARY_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
+    # torch.compile tracing diffusers' own `is_torch_version` helper (inside its up/down-sampling blocks)
+    (UserWarning, r"Dynamo detected a call to a `functools.lru_cache`-wrapped function"),
+)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = re.compile(pattern, re.DOTALL)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.match(record.getMessage())
+
+
+_noise_filtered = False
+
+
+def filter_library_noise() -> None:
+    """Drop the `LIBRARY_NOISE` log lines (a filter on each of those loggers: other messages still show) and the
+    `LIBRARY_WARNINGS`. Once per process (tests call `main` many times)."""
+    global _noise_filtered
+    if _noise_filtered:
+        return
+    _noise_filtered = True
+    for name, pattern in LIBRARY_NOISE:
+        logging.getLogger(name).addFilter(_DropMessages(pattern))
+    for category, pattern in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=category)
+    from .pipelines.base import PromptTruncatedWarning
+
+    # For library users; the CLI already prints the same as a log line (engine.pipelines.base).
+    warnings.filterwarnings("ignore", category=PromptTruncatedWarning)
+
+
+def _quiet_libraries(quiet: bool, progress: bool) -> None:
+    """With `quiet`, nothing below an error from any library; the libraries' own progress bars (hub downloads)
+    only when ours are shown."""
+    if quiet:
+        logging.getLogger().setLevel(logging.ERROR)
+        warnings.simplefilter("ignore")
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+        for name in ("torch", "torchao", "huggingface_hub"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    if not progress:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
+def _show_progress(args: argparse.Namespace) -> bool:
+    from .progress import interactive
+
+    return not args.quiet and interactive()
+
+
+def _say(args: argparse.Namespace, text: object) -> None:
+    """A line for a person: on stdout unless --quiet or --json (whose stdout is the JSON object alone)."""
+    if not args.quiet and not args.json:
+        print(text)
+
+
+def _print_json(payload: dict[str, Any]) -> None:
+    print(json.dumps(payload, indent=2, default=str))
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .api import Engine
+    from .progress import StepBar, activity
 
+    progress = _show_progress(args)
+    _quiet_libraries(args.quiet, progress)
     overrides = {"backend": args.backend} if args.backend else None
     from .runtime.planner import engine_memory_kwargs
 
     engine = Engine(device=args.device, opt_level=args.opt_level, compile_config=overrides,
                     allow_pickle=args.allow_pickle, **engine_memory_kwargs(args))
-    engine.load(args.model, config=args.config)
+    start = time.perf_counter()
+    with activity(f"loading {args.model}", enabled=progress):
+        engine.load(args.model, config=args.config)
+    load_time = time.perf_counter() - start
     if args.verbose:
-        print(engine.optimization_report(args.model))
+        _say(args, engine.optimization_report(args.model))
     fields = {
         "model": args.model, "prompt": args.prompt, "negative_prompt": args.negative_prompt, "width": args.width,
         "height": args.height, "num_inference_steps": args.steps, "guidance_scale": args.guidance_scale,
         "num_images": args.num_images, "seed": args.seed, "max_sequence_length": args.max_sequence_length,
         "scheduler": args.scheduler,
     }
-    result = engine.generate(**{k: v for k, v in fields.items() if v is not None})
+    with StepBar(enabled=progress) as steps:
+        result = engine.generate(**{k: v for k, v in fields.items() if v is not None}, step_callback=steps)
     paths = _output_paths(args.out, len(result.images))
     for image, path in zip(result.images, paths):
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
+    if args.json:
+        report = engine.optimization_report(args.model)  # after the run: its compile stats count this job
+        _print_json({
+            "command": "generate", "model": result.model, "paths": [str(p) for p in paths], "seed": result.seed,
+            "width": result.width, "height": result.height, "num_images": len(result.images),
+            "num_inference_steps": result.num_inference_steps, "guidance_scale": result.guidance_scale,
+            "timings": result.timings, "load_time": load_time, "report": report.as_dict(),
+        })
+        return 0
     timings = ", ".join(f"{k} {v:.3f}s" for k, v in result.timings.items())
-    print(f"seed {result.seed}; {result.width}x{result.height}, {result.num_inference_steps} steps; {timings}")
+    _say(args, f"seed {result.seed}; {result.width}x{result.height}, {result.num_inference_steps} steps; {timings}")
     for path in paths:
-        print(f"wrote {path}")
+        _say(args, f"wrote {path}")
     return 0
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
     from .api import Engine
+    from .progress import TileBar, activity, reporting_tiles
+    from .registry import find_spec
 
+    progress = _show_progress(args)
+    _quiet_libraries(args.quiet, progress)
     engine = Engine(device=args.device, opt_level=args.opt_level, allow_pickle=args.allow_pickle)
-    result = engine.upscale(args.image, model=args.model, overlapping_tiles=args.overlapping_tiles, seed=args.seed,
-                            shared_style=args.shared_style)
+    report, load_time = None, None
+    spec = find_spec(args.model)
+    if spec is not None and spec.family_spec.task == "upscale":  # a registry id: load it now (report, load time)
+        start = time.perf_counter()
+        with activity(f"loading {args.model}", enabled=progress):
+            report = engine.optimization_report(args.model)
+        load_time = time.perf_counter() - start
+    with TileBar(enabled=progress) as tiles, reporting_tiles(tiles):
+        result = engine.upscale(args.image, model=args.model, overlapping_tiles=args.overlapping_tiles,
+                                seed=args.seed, shared_style=args.shared_style)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.image.save(out)
+    if args.json:
+        _print_json({
+            "command": "upscale", "model": result.model, "paths": [str(out)], "seed": result.seed,
+            "width": result.image.width, "height": result.image.height, "tiles": result.tiles,
+            "timings": result.timings, "load_time": load_time,
+            "report": report.as_dict() if report is not None else None,
+        })
+        return 0
     timings = ", ".join(f"{k} {v:.3f}s" for k, v in result.timings.items())
-    print(f"seed {result.seed}; {result.image.width}x{result.image.height} from {result.tiles} tiles; {timings}")
-    print(f"wrote {out}")
+    _say(args, f"seed {result.seed}; {result.image.width}x{result.image.height} from {result.tiles} tiles; {timings}")
+    _say(args, f"wrote {out}")
     return 0
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", "-q", action="store_true",
+                        help="print nothing but errors (no progress bars, no library warnings)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object on stdout (paths, seed, size, timings, model, optimization "
+                             "report) and nothing else there")
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -157,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .runtime.planner import add_memory_arguments
 
     add_memory_arguments(gen)
+    _add_output_arguments(gen)
     gen.set_defaults(func=cmd_generate)
 
     up = sub.add_parser("upscale", help="4x upscale with AuraSR")
@@ -169,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--device", default="auto")
     up.add_argument("--opt-level", choices=["O0", "O1", "O2", "O3"])
     up.add_argument("--allow-pickle", action="store_true")
+    _add_output_arguments(up)
     up.set_defaults(func=cmd_upscale)
 
     models = sub.add_parser("models", help="list registered models")
@@ -205,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    filter_library_noise()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -10,6 +10,8 @@ Semantics follow the reference `upscale_4x` / `upscale_4x_overlapped`, with thes
   batch size and matches the reference on the CPU;
 - timings: "preprocess" (conversion, padding), "tiles" (model and placement), "stitch" (crop, uint8, alpha),
   "total"; `last_tile_count` / `last_batch_tiles` describe the last call;
+- progress: `tile_callback(done, total)` after each batch, counting the tiles of both passes (default: the listener
+  installed by `engine.progress.reporting_tiles`, if any);
 - float to uint8 rounds (the reference truncates: up to one level darker);
 - images narrower than the padding reflect repeatedly (a 1-pixel side replicates), alpha is resized classically
   and re-attached, palette / grayscale / 16-bit inputs are converted to RGB first.
@@ -27,6 +29,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..models.aurasr import AuraSRGenerator, PrecomputedStyles
+from ..progress import TileCallback, tile_listener
 from .base import StageTimer, seeded_generator
 
 NOISE_CHUNK = 8  # the reference's default max_batch_size: the unit in which it draws noise
@@ -68,6 +71,7 @@ class AuraSRPipeline:
         seed: int | None = None,
         generator: torch.Generator | None = None,
         shared_style: bool = False,
+        tile_callback: TileCallback | None = None,
     ) -> tuple[Image.Image, dict[str, float]]:
         """Upscale by 4. `seed` (a CPU generator) or `generator`; neither: the global torch RNG, as the reference.
         `shared_style`: one style for every tile (static convolutions: faster, seam-free styles; not the reference's
@@ -80,7 +84,8 @@ class AuraSRPipeline:
                 rgb, alpha = split_alpha(image)
                 pixels = image_to_tensor(rgb, self.device)
             canvas = self.upscale_tensor(
-                pixels, overlapping_tiles=overlapping_tiles, generator=gen, shared_style=shared_style, timer=timer
+                pixels, overlapping_tiles=overlapping_tiles, generator=gen, shared_style=shared_style, timer=timer,
+                tile_callback=tile_callback,
             )
             with timer.stage("stitch"):
                 out = tensor_to_image(canvas)
@@ -97,6 +102,7 @@ class AuraSRPipeline:
         generator: torch.Generator | None = None,
         shared_style: bool = False,
         timer: StageTimer | None = None,
+        tile_callback: TileCallback | None = None,
     ) -> Tensor:
         """`[3, H, W]` in [0, 1] -> `[3, 4H, 4W]` fp32 on the device (tiles clamped to [0, 1] before stitching).
         Each batch is placed into the canvas as it comes out, so no buffer of all tile outputs exists."""
@@ -113,6 +119,8 @@ class AuraSRPipeline:
                 canvas = torch.empty(3, padded.shape[-2] * self.scale, padded.shape[-1] * self.scale,
                                      device=self.device)
                 weight = blend_weights(out_tile, self.device) if overlapping_tiles else None
+            report = tile_callback if tile_callback is not None else tile_listener()
+            total = sum((p.shape[-2] // tile) * (p.shape[-1] // tile) for p in passes)
             with timer.stage("tiles"):
                 shared = self._shared_styles(gen) if shared_style else None
                 self.last_tile_count = 0
@@ -125,7 +133,11 @@ class AuraSRPipeline:
                         _place(canvas, outputs, first, grid_w, out_tile, offset=offset, weight=weight,
                                accumulate=accumulate)
 
-                    self.last_tile_count += self._run_tiles(cut_tiles(image, tile), gen, shared, place)
+                    def done(count: int, before: int = self.last_tile_count) -> None:
+                        if report is not None:
+                            report(before + count, total)
+
+                    self.last_tile_count += self._run_tiles(cut_tiles(image, tile), gen, shared, place, done)
             with timer.stage("stitch"):
                 canvas = canvas[:, : h * self.scale, : w * self.scale]
         return canvas
@@ -142,8 +154,10 @@ class AuraSRPipeline:
         gen: torch.Generator,
         shared: PrecomputedStyles | None,
         place: Callable[[int, Tensor], None],
+        done: Callable[[int], None] | None = None,
     ) -> int:
-        """Run `tiles` in batches; hand each batch's fp32 outputs, clamped to [0, 1], to `place(first_index, out)`.
+        """Run `tiles` in batches; hand each batch's fp32 outputs, clamped to [0, 1], to `place(first_index, out)`,
+        then the number of tiles done so far to `done`.
         The noise for the whole pass is drawn first, in the reference's chunks."""
         style_noise, input_noise = self._draw_noise(tiles.shape, gen, shared is not None)
         batch = self.max_batch_tiles or auto_batch_tiles(self.model, self.device, self.dtype, shared is not None)
@@ -158,6 +172,8 @@ class AuraSRPipeline:
                 input_noise=input_noise[i:j],
             )
             place(i, result.float().clamp_(0, 1))
+            if done is not None:
+                done(j)
         return tiles.shape[0]
 
     def _draw_noise(
