@@ -173,6 +173,11 @@ class Engine(FalMixin):
 
     def _slot(self, model: str, allow_pickle: bool | None = None, config: str | None = None,
               compile_config: CompileConfig | None = None, plan: Any = None) -> _Slot:
+        if compile_config is None and plan is None:
+            slot = self._slots.get(model)  # a loaded model is served without waiting for another model's load
+            if slot is not None:
+                self._last_used[model] = time.monotonic()
+                return slot
         with self._load_lock:
             slot = self._slots.get(model)
             if slot is not None and ((compile_config is not None and slot.config != compile_config)

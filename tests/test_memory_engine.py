@@ -317,3 +317,31 @@ def test_a_recompile_limit_failure_reruns_the_job_eagerly():
     pipeline = Pipeline()
     assert run_compiled(pipeline, None, None) == "image" and pipeline.calls == 2
     assert pipeline.run_context.stats.exhausted
+
+
+def test_loading_one_model_does_not_block_requests_for_another(monkeypatch):
+    import threading
+    import time as _time
+
+    import engine.api as api
+
+    eng = Engine(device="cpu")
+    eng.load("tiny-sdxl")
+    started, release = threading.Event(), threading.Event()
+    real_load = api.load_model
+
+    def slow_load(*args, **kwargs):
+        started.set()
+        release.wait(30)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(api, "load_model", slow_load)
+    loader = threading.Thread(target=eng.load, args=("tiny-flux",))
+    loader.start()
+    assert started.wait(30)
+    begin = _time.monotonic()
+    assert eng.generate(model="tiny-sdxl", **ARGS).images  # while tiny-flux is still loading
+    assert loader.is_alive() and _time.monotonic() - begin < 25
+    release.set()
+    loader.join(60)
+    assert sorted(eng.loaded_models()) == ["tiny-flux", "tiny-sdxl"]
