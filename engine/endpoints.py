@@ -259,6 +259,8 @@ def prepare(app_id: str, arguments: Any, *, engine: "Engine", table: EndpointTab
     except ValidationError as e:
         raise invalid_from_validation(e, spec.schema) from None
     notes = [f"ignored unknown arguments: {', '.join(sorted(args.model_extra))}"] if args.model_extra else []
+    if args.model_extra:  # ignored means never read: what follows reads fields by name, and extras answer to names
+        args = spec.schema.model_validate({k: v for k, v in arguments.items() if k not in args.model_extra})
     if spec.task == "upscale":
         call = _prepare_upscale(spec, args, engine, table, allow_private_urls, trusted)  # type: ignore[arg-type]
     else:

@@ -350,3 +350,13 @@ def test_schemathesis_negative_cases_over_the_openapi_get_no_5xx(served, monkeyp
     assert sum(statuses.values()) >= 300, statuses
     print(f"\nschemathesis: {sum(statuses.values())} cases over {operations} operations -> {statuses}; "
           f"{len(reached)} schema-valid bodies reached the dry-run prepare")
+
+
+def test_in_process_prepare_never_reads_unknown_arguments(served):
+    """The same rule for the fal-style API in process: unknown arguments are noted and never read."""
+    _, _, service = served
+    for app_id in ENDPOINTS:
+        declared = ENDPOINTS[app_id].schema.model_fields
+        extras = {k: v for k, v in HOSTILE_EXTRAS.items() if k not in declared and k != "image_format"}
+        call = type(service).prepare(service, app_id, {**base_body(app_id), **extras})  # the real one, not the spy
+        assert call.notes[0] == f"ignored unknown arguments: {', '.join(sorted(extras))}", (app_id, call.notes)
