@@ -21,8 +21,8 @@ import torch
 from .compiler import CompileConfig, OptimizationReport, optimize, resolve_config
 from .compiler.compile import run_compiled
 from .compiler.dtype import dtype_policy
-from .errors import InsufficientMemoryError, InvalidRequestError, ModelNotFoundError
-from .loading import LoadedModel, load_model
+from .errors import InsufficientMemoryError, InvalidRequestError, ModelNotFoundError, RefusedSourceError
+from .loading import LoadedModel, caller_policy, load_model
 from .lora import LoraManager, resolve_lora
 from .pipelines.base import GenerationParams, StepCallback, TextToImagePipeline
 from .registry import find_spec, registry
@@ -176,6 +176,7 @@ class Engine(FalMixin):
         if compile_config is None and plan is None:
             slot = self._slots.get(model)  # a loaded model is served without waiting for another model's load
             if slot is not None:
+                self._check_caller(model, slot)
                 self._last_used[model] = time.monotonic()
                 return slot
         with self._load_lock:
@@ -191,8 +192,16 @@ class Engine(FalMixin):
                 pickle_ok = self.allow_pickle if allow_pickle is None else allow_pickle
                 slot = self._build(model, pickle_ok, config, compile_config or self.compile_config, plan)
                 self._slots[model] = slot
+            self._check_caller(model, slot)
             self._last_used[model] = time.monotonic()
             return slot
+
+    @staticmethod
+    def _check_caller(model: str, slot: _Slot) -> None:
+        """Models are cached by name: one a trusted caller loaded from a local path (say a folder `owner/name`) is
+        not served to an untrusted caller who names `owner/name` (for them that is a hub id)."""
+        if slot.loaded.local and not caller_policy().trusted:
+            raise RefusedSourceError("model_name", f"hub repository {model!r} is not in this server's model cache")
 
     def _build(self, model: str, allow_pickle: bool, config: str | None, wanted: CompileConfig,
                plan: Any) -> _Slot:

@@ -343,3 +343,16 @@ def test_allow_listed_hub_ids_are_still_never_local_folders(disk, monkeypatch):
     assert "download limit" in str(error)
     with as_caller(policy.with_pinned("owner/name")):  # the operator's own endpoint mapping: as configured
         assert load_model("owner/name").source == str((disk / "owner" / "name").resolve())
+
+
+def test_a_local_model_loaded_by_name_is_not_served_to_an_untrusted_caller(disk):
+    """Models are cached by name: ./owner/name loaded by a trusted caller must not answer an untrusted caller's hub
+    id owner/name (even with hub downloads on, when the service lets the name through)."""
+    from engine import Engine
+
+    eng = Engine(device="cpu")
+    assert eng.generate(model="owner/name", prompt="x", width=64, height=64, num_inference_steps=1, seed=1).images
+    with as_caller(CallerPolicy(trusted=False, allow_hub_downloads=True)):
+        error = _refusal(eng.generate, model="owner/name", prompt="x", width=64, height=64, num_inference_steps=1)
+    assert isinstance(error, RefusedSourceError) and "model cache" in str(error)
+    assert eng.generate(model="owner/name", prompt="x", width=64, height=64, num_inference_steps=1, seed=1).images

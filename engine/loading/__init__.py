@@ -134,6 +134,7 @@ class LoadedModel:
     spec: ModelSpec  # the registry entry, or the family's reference entry for defaults when loaded from a path
     source: str
     pipeline_config: dict[str, Any] = field(default_factory=dict)
+    local: bool = False  # named by a local path (a trusted caller's): never served to an untrusted one
 
 
 def _quiet_progress_bars() -> None:
@@ -264,9 +265,10 @@ def load_model(model: str, *, torch_dtype: TorchDtype = torch.float32, allow_pic
         return _from_folder(model, _spec_folder(spec), spec, torch_dtype, allow_pickle)
     path = Path(model).expanduser()
     if path.is_dir():
-        return _from_folder(model, path.resolve(), None, torch_dtype, allow_pickle)
+        return dataclasses.replace(_from_folder(model, path.resolve(), None, torch_dtype, allow_pickle), local=True)
     if path.is_file():
-        return _from_single_file(model, path.resolve(), torch_dtype, allow_pickle, config)
+        return dataclasses.replace(_from_single_file(model, path.resolve(), torch_dtype, allow_pickle, config),
+                                   local=True)
     looks_like_path = model.startswith((".", "/", "~")) or model.endswith(SINGLE_FILE_SUFFIXES) or "\\" in model
     if looks_like_path:
         raise ModelNotFoundError(model, "no such file or folder", known=text_to_image_ids())
