@@ -200,7 +200,8 @@ class Engine(FalMixin):
     def _check_caller(model: str, slot: _Slot) -> None:
         """Models are cached by name: one a trusted caller loaded from a local path (say a folder `owner/name`) is
         not served to an untrusted caller who names `owner/name` (for them that is a hub id)."""
-        if slot.loaded.local and not caller_policy().trusted:
+        policy = caller_policy()
+        if slot.loaded.local and not policy.trusted and model not in policy.pinned:  # pinned: the operator's mapping
             raise RefusedSourceError("model_name", f"hub repository {model!r} is not in this server's model cache")
 
     def _build(self, model: str, allow_pickle: bool, config: str | None, wanted: CompileConfig,
