@@ -3,11 +3,7 @@ age/count/bytes removes results with their files, and a restart on the same stat
 re-runs queued jobs and fails running ones as `interrupted` (in process, and against a real `engine serve` killed
 with SIGKILL). Loopback only, bounded in time."""
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -182,40 +178,20 @@ def test_restart_serves_completed_reruns_queued_and_fails_running(engine, tmp_pa
 
 
 # -- a real server, killed with SIGKILL mid-run --------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sigkill_mid_run_and_restart_on_the_same_state_dir(tmp_path):
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
-    port, state = _free_port(), tmp_path / "state"
+    from serving import free_port, start_server, stop_server
+
+    port, state = free_port(), tmp_path / "state"
     base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "engine.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-           "--state-dir", str(state), "--endpoint", "fal-ai/fast-sdxl=tiny-sdxl", "--log-level", "warning"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    root = Path(__file__).parent.parent
+    args = ["--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--state-dir", str(state),
+            "--endpoint", "fal-ai/fast-sdxl=tiny-sdxl", "--log-level", "warning"]
     http = httpx.Client(timeout=30)
 
-    def start(log_name: str) -> subprocess.Popen:
-        log = open(tmp_path / log_name, "wb")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited:\n{(tmp_path / log_name).read_text()[-3000:]}")
-            try:
-                if http.get(f"{base}/health", timeout=2).status_code == 200:
-                    return proc
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("server did not start")
-            time.sleep(0.2)
+    def start(log_name: str):
+        return start_server(args, tmp_path / log_name, f"{base}/health")
 
     def submit(args: dict) -> str:
         r = http.post(f"{base}/queue/fal-ai/fast-sdxl", json={"prompt": "x", **args})
@@ -261,10 +237,5 @@ def test_sigkill_mid_run_and_restart_on_the_same_state_dir(tmp_path):
             out = http.get(f"{base}/queue/fal-ai/fast-sdxl/requests/{rid}").json()
             assert out["seed"] == 10 + i
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_server(proc)
         http.close()

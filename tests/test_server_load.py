@@ -4,16 +4,12 @@ and the server stays healthy. Bounded in count and time; loopback only."""
 
 from __future__ import annotations
 
-import os
 import random
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
+from serving import free_port, start_server, stop_server
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -24,43 +20,16 @@ SMALL = {"image_size": {"width": 64, "height": 64}, "num_inference_steps": 1}
 REQUESTS, CONCURRENCY, DEADLINE_S = 200, 16, 300
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("load")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "engine.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-           "--state-dir", str(tmp / "state"), "--endpoint", f"{APP}=tiny-sdxl", "--preload", "--log-level", "warning"]
-    log = open(tmp / "server.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                            cwd=Path(__file__).parent.parent)
-    deadline = time.monotonic() + 180
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited:\n{(tmp / 'server.log').read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("server did not start")
-        time.sleep(0.2)
+    args = ["--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--state-dir", str(tmp / "state"),
+            "--endpoint", f"{APP}=tiny-sdxl", "--preload", "--log-level", "warning"]
+    proc = start_server(args, tmp / "server.log", f"{url}/health")
     yield url, proc, tmp / "server.log"
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-    log.close()
+    stop_server(proc)
 
 
 def _one(base_url: str, i: int, rng: random.Random) -> tuple[str, str | None]:
