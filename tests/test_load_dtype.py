@@ -178,6 +178,7 @@ def test_nf4_memory_plan_asks_the_loaders_for_bitsandbytes_weights(monkeypatch, 
         monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
     load_model(str(folder), torch_dtype=policy)
     quantized = {name for name, q in seen.items() if isinstance(q, FakeConfig)}
-    assert "AutoencoderKL" not in quantized and len(quantized) >= 2, seen
+    denoiser_class = "FluxTransformer2DModel" if family == "flux" else "UNet2DConditionModel"
+    assert denoiser_class in quantized and "AutoencoderKL" not in quantized and len(quantized) >= 2, seen
     assert all(k == {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.bfloat16}
                for k in made)
