@@ -30,7 +30,7 @@ import yaml
 from PIL import Image
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import EngineError, InvalidRequestError
+from .errors import AppNotFoundError, EndpointUnavailableError, EngineError, InvalidRequestError
 from .models.previews import preview_image
 from .paths import configs_dir
 from .registry import find_spec, registry
@@ -58,20 +58,6 @@ MAX_INPUT_BYTES = 32 * 1024 * 1024
 INPUT_TIMEOUT_S = 20.0
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _HUB_FILE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(/.*)?")
-
-
-class AppNotFoundError(EngineError, LookupError):
-    """The path names no app id this engine serves."""
-
-    error_type = "app_not_found"
-    http_status = 404
-
-
-class EndpointUnavailableError(EngineError):
-    """The app id is known but this build cannot serve it yet (a missing engine feature)."""
-
-    error_type = "not_implemented"
-    http_status = 501
 
 
 # -- schemas ----------------------------------------------------------------------------------------------------

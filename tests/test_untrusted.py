@@ -103,9 +103,9 @@ def test_hub_download_is_off_by_default_for_untrusted_callers():
 def test_trusted_engine_api_loads_local_folders(engine, disk):
     out = engine.generate(model="owner/name", prompt="x", width=64, height=64, num_inference_steps=1, seed=1)
     assert len(out.images) == 1
-    fal_out = engine.run("fal-ai/lora", {"model_name": str(disk / "local"), "prompt": "x", **SMALL})
-    assert len(fal_out["images"]) == 1
     trusted = FalService(engine, trusted=True)
+    fal_out = trusted.run("fal-ai/lora", {"model_name": str(disk / "local"), "prompt": "x", **SMALL})
+    assert len(fal_out["images"]) == 1
     assert trusted.prepare("fal-ai/lora", {"model_name": "./local", "prompt": "x", **SMALL}).model == "./local"
 
 
