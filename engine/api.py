@@ -22,7 +22,8 @@ from .compiler import CompileConfig, OptimizationReport, optimize, resolve_confi
 from .compiler.compile import run_compiled
 from .compiler.dtype import dtype_policy
 from .errors import InsufficientMemoryError, InvalidRequestError, ModelNotFoundError, RefusedSourceError
-from .loading import LoadedModel, caller_policy, load_model
+from .images import DEFAULT_MAX_PIXELS
+from .loading import LoadedModel, available_offline, caller_policy, load_model
 from .lora import LoraManager, resolve_lora
 from .pipelines.base import GenerationParams, StepCallback, TextToImagePipeline
 from .registry import find_spec, registry
@@ -151,7 +152,7 @@ class Engine:
         self._slots: dict[str, _Slot] = {}
         self._upscalers: dict[str, _UpscaleSlot] = {}
         self._last_used: dict[str, float] = {}  # model -> time of its last use, for LRU eviction
-        self.max_input_pixels = 16_777_216  # upscale inputs larger than this are refused (4096 x 4096)
+        self.max_input_pixels = DEFAULT_MAX_PIXELS  # upscale inputs larger than this are refused
         self._load_lock = threading.Lock()
         self._run_lock = threading.Lock()
 
@@ -341,7 +342,7 @@ class Engine:
         """The registry: id, family, task, source, description and whether it is available offline."""
         return [
             {"id": s.id, "family": s.family, "task": s.family_spec.task, "source": s.source,
-             "description": s.description, "offline": s.available_offline()}
+             "description": s.description, "offline": available_offline(s)}
             for s in registry().values()
         ]
 

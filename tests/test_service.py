@@ -430,10 +430,6 @@ def test_abandoned_stream_cancels_its_job(fal):
 
 
 def test_untrusted_lora_paths_must_be_urls_or_hub_ids(engine):
-    from engine.requests import GenerateRequest
-
-    if "loras" not in GenerateRequest.model_fields:
-        pytest.skip("this engine has no LoRA support yet")
     http_side = FalService(engine, endpoint_overrides=TINY, trusted=False)
     with pytest.raises(errors.InvalidRequestError) as info:
         http_side.prepare("fal-ai/fast-sdxl", {"prompt": "x", "loras": [{"path": "/tmp/evil.safetensors"}], **SMALL})
@@ -445,7 +441,8 @@ def test_untrusted_lora_paths_must_be_urls_or_hub_ids(engine):
 
 class _StandInUpscaler:
     """Has the `Engine.upscale` signature the aura-sr endpoint calls; a plain 4x resize stands in for AuraSR so the
-    endpoint's wiring (inputs, SSRF refusals, rendering) is tested whether or not the real upscaler has landed."""
+    endpoint's wiring (inputs, SSRF refusals, rendering, the arguments passed) is checked exactly and fast (the real
+    upscaler behind the endpoint: test_aura_sr_upscales_a_data_uri, tests/test_upscale_api.py)."""
 
     device = "cpu"
 
