@@ -1,0 +1,138 @@
+"""GroupNorm (+ SiLU) as one Triton kernel pair, for the UNet's and the VAE's ResNet blocks.
+
+PyTorch runs GroupNorm and SiLU as two kernels (two reads and two writes of the activation); here the statistics
+kernel reads the activation once and the apply kernel reads it once more and writes the activated output once. Both
+kernels address the tensor through its strides, in the order of its memory layout (NCHW or channels-last), so
+neither layout is copied. Statistics are accumulated in fp32, shifted by the group's first element (no cancellation
+when a group's mean is large against its spread), per chunk of a group so that a few large groups still fill the GPU.
+
+`group_norm_silu(x, weight, bias, num_groups, eps, silu)` is the custom op (`torch.ops.engine_kernels`);
+`group_norm_silu_reference` is what it must equal.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .runtime import check_device, interpreting
+
+
+def group_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                              num_groups: int, eps: float, silu: bool = True) -> torch.Tensor:
+    y = F.group_norm(x, num_groups, weight, bias, eps)
+    return F.silu(y) if silu else y
+
+
+@triton.jit
+def _group_stats_kernel(x_ptr, pivot_ptr, part_ptr, G, CG, W, HW, GROUP_SIZE, CHUNK, NCHUNK,
+                        s_n, s_c, s_h, s_w,
+                        BLOCK: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    ng = tl.program_id(0)  # n * G + g
+    chunk = tl.program_id(1)
+    n = ng // G
+    g = ng % G
+    pivot = tl.load(pivot_ptr + ng).to(tl.float32)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK], dtype=tl.float32)
+    start = chunk * CHUNK
+    for off in range(0, CHUNK, BLOCK):
+        i = start + off + tl.arange(0, BLOCK)
+        mask = i < GROUP_SIZE
+        if CHANNELS_LAST:
+            c = i % CG
+            s = i // CG
+        else:
+            c = i // HW
+            s = i % HW
+        ptr = x_ptr + n * s_n + (g * CG + c) * s_c + (s // W) * s_h + (s % W) * s_w
+        v = tl.load(ptr, mask=mask, other=0.0).to(tl.float32) - pivot
+        v = tl.where(mask, v, 0.0)
+        acc += v
+        acc2 += v * v
+    out = part_ptr + (ng * NCHUNK + chunk) * 2
+    tl.store(out, tl.sum(acc, axis=0))
+    tl.store(out + 1, tl.sum(acc2, axis=0))
+
+
+@triton.jit
+def _group_apply_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, G, CG, W, HW, GROUP_SIZE, CHUNK,
+                        s_n, s_c, s_h, s_w, o_n, o_c, o_h, o_w,
+                        BLOCK: tl.constexpr, CHANNELS_LAST: tl.constexpr, SILU: tl.constexpr):
+    ng = tl.program_id(0)
+    chunk = tl.program_id(1)
+    n = ng // G
+    g = ng % G
+    mean = tl.load(mean_ptr + ng)
+    rstd = tl.load(rstd_ptr + ng)
+    start = chunk * CHUNK
+    for off in range(0, CHUNK, BLOCK):
+        i = start + off + tl.arange(0, BLOCK)
+        mask = i < GROUP_SIZE
+        if CHANNELS_LAST:
+            c = i % CG
+            s = i // CG
+        else:
+            c = i // HW
+            s = i % HW
+        ch = g * CG + c
+        h = s // W
+        w = s % W
+        v = tl.load(x_ptr + n * s_n + ch * s_c + h * s_h + w * s_w, mask=mask, other=0.0).to(tl.float32)
+        wt = tl.load(w_ptr + ch, mask=mask, other=1.0).to(tl.float32)
+        bs = tl.load(b_ptr + ch, mask=mask, other=0.0).to(tl.float32)
+        y = (v - mean) * rstd * wt + bs
+        if SILU:
+            y = y * tl.sigmoid(y)
+        tl.store(y_ptr + n * o_n + ch * o_c + h * o_h + w * o_w, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_shape(n_groups: int, group_size: int) -> tuple[int, int, int]:
+    """(BLOCK, CHUNK, NCHUNK): enough programs to fill a large GPU when there are few groups (a batch of 2 at 32
+    groups is 64 programs); in the interpreter, few large blocks (it runs each program in numpy)."""
+    if interpreting():
+        block = min(4096, triton.next_power_of_2(group_size))
+        return block, triton.cdiv(group_size, block) * block, 1
+    block = min(1024, triton.next_power_of_2(group_size))
+    want = max(1, min(triton.cdiv(group_size, block), triton.cdiv(1024, n_groups)))
+    chunk = triton.cdiv(triton.cdiv(group_size, want), block) * block
+    return block, chunk, triton.cdiv(group_size, chunk)
+
+
+@torch.library.custom_op("engine_kernels::group_norm_silu", mutates_args=())
+def group_norm_silu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, num_groups: int,
+                    eps: float, silu: bool) -> torch.Tensor:
+    check_device(x)
+    n, c = x.shape[0], x.shape[1]
+    if c % num_groups:
+        raise ValueError(f"group_norm_silu: {c} channels do not split into {num_groups} groups")
+    # 4-D (N, C, H, W) in either layout as is; other ranks as (N, C, L, 1), a view wherever L flattens
+    x4 = x if x.dim() == 4 else x.reshape(n, c, -1, 1)
+    o4 = torch.empty_like(x) if x.dim() == 4 else x.new_empty(x4.shape)
+    hh, ww = x4.shape[2], x4.shape[3]
+    cg = c // num_groups
+    group_size = cg * hh * ww
+    channels_last = x4.stride(1) == 1 and c > 1
+    w = weight if weight is not None else x.new_ones(c)
+    b = bias if bias is not None else x.new_zeros(c)
+    pivot = x4[:, ::cg, 0, 0].float().contiguous()  # (N, G): each group's first element
+    ngroups = n * num_groups
+    block, chunk, nchunk = _launch_shape(ngroups, group_size)
+    parts = torch.empty(ngroups, nchunk, 2, device=x.device, dtype=torch.float32)
+    grid = (ngroups, nchunk)
+    _group_stats_kernel[grid](x4, pivot, parts, num_groups, cg, ww, hh * ww, group_size, chunk, nchunk,
+                              *x4.stride(), BLOCK=block, CHANNELS_LAST=channels_last)
+    s1, s2 = parts.sum(1).unbind(-1)
+    var = ((s2 - s1 * s1 / group_size) / group_size).clamp_min(0.0)
+    mean = (pivot.view(-1) + s1 / group_size).contiguous()
+    rstd = torch.rsqrt(var + eps).contiguous()
+    _group_apply_kernel[grid](x4, o4, w, b, mean, rstd, num_groups, cg, ww, hh * ww, group_size, chunk,
+                              *x4.stride(), *o4.stride(), BLOCK=block, CHANNELS_LAST=channels_last, SILU=silu)
+    return o4 if x.dim() == 4 else o4.view(x.shape)
+
+
+@group_norm_silu.register_fake
+def _(x, weight, bias, num_groups, eps, silu):
+    return torch.empty_like(x) if x.dim() == 4 else x.new_empty(x.shape)

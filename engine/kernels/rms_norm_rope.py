@@ -1,0 +1,85 @@
+"""RMSNorm + rotary position embedding on FLUX's queries and keys, as one Triton kernel.
+
+FLUX normalizes each head of q and k (RMSNorm over the head dimension, with a learned weight) and then rotates
+adjacent pairs (diffusers `apply_rotary_emb`, `use_real_unbind_dim=-1`); eagerly that is about ten kernels over
+q and k (the norm, a float copy, the pair split, the stack, two products and a sum). Here one program handles one
+(batch, token, head) row: it normalizes the row and each element's pair partner in registers and writes the rotated
+result once. Without cos/sin it is a plain RMSNorm.
+
+`rms_norm_rope(x, weight, cos, sin, eps)` is the custom op; `rms_norm_rope_reference` is what it must equal.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .runtime import check_device
+
+
+def rms_norm_rope_reference(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor | None,
+                            sin: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x: (B, S, H, D); cos, sin: (S, D) — diffusers' RMSNorm then `apply_rotary_emb(..., sequence_dim=1)`."""
+    y = F.rms_norm(x, (x.shape[-1],), weight, eps)
+    if cos is None:
+        return y
+    real, imag = y.reshape(*y.shape[:-1], -1, 2).unbind(-1)
+    rotated = torch.stack([-imag, real], dim=-1).flatten(3)
+    return (y.float() * cos[None, :, None, :] + rotated.float() * sin[None, :, None, :]).to(x.dtype)
+
+
+@triton.jit
+def _rms_norm_rope_kernel(x_ptr, y_ptr, w_ptr, cos_ptr, sin_ptr, S, H, D, eps,
+                          s_xb, s_xs, s_xh, s_xd, s_cs, s_cd, s_ss, s_sd,
+                          BLOCK_D: tl.constexpr, HAS_WEIGHT: tl.constexpr, ROPE: tl.constexpr):
+    row = tl.program_id(0)  # ((b * S) + s) * H + h
+    h = row % H
+    s = (row // H) % S
+    b = row // (H * S)
+    base = x_ptr + b * s_xb + s * s_xs + h * s_xh
+    offs = tl.arange(0, BLOCK_D)
+    mask = offs < D
+    x = tl.load(base + offs * s_xd, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+    y = x * rstd
+    if HAS_WEIGHT:
+        y = y * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if ROPE:
+        partner = offs + 1 - 2 * (offs % 2)  # the other element of the (real, imaginary) pair
+        pmask = mask & (partner < D)
+        yp = tl.load(base + partner * s_xd, mask=pmask, other=0.0).to(tl.float32) * rstd
+        if HAS_WEIGHT:
+            yp = yp * tl.load(w_ptr + partner, mask=pmask, other=0.0).to(tl.float32)
+        rotated = tl.where(offs % 2 == 0, -yp, yp)
+        c = tl.load(cos_ptr + s * s_cs + offs * s_cd, mask=mask, other=0.0).to(tl.float32)
+        sn = tl.load(sin_ptr + s * s_ss + offs * s_sd, mask=mask, other=0.0).to(tl.float32)
+        y = y * c + rotated * sn
+    tl.store(y_ptr + row * D + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@torch.library.custom_op("engine_kernels::rms_norm_rope", mutates_args=())
+def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                  eps: float) -> torch.Tensor:
+    """x: (B, S, H, D) any strides; weight: (D,) or None; cos, sin: (S, D) or both None (no rotation)."""
+    check_device(x)
+    bsz, seq, heads, dim = x.shape
+    rope = cos is not None and sin is not None
+    if rope and dim % 2:
+        raise ValueError(f"rms_norm_rope: rotary embedding needs an even head dimension, got {dim}")
+    out = x.new_empty(x.shape)
+    dummy = x.new_empty(0)
+    c = cos if rope else dummy
+    s = sin if rope else dummy
+    cstr = cos.stride() if rope else (0, 0)
+    sstr = sin.stride() if rope else (0, 0)
+    _rms_norm_rope_kernel[(bsz * seq * heads,)](
+        x, out, weight if weight is not None else dummy, c, s, seq, heads, dim, eps, *x.stride(), *cstr, *sstr,
+        BLOCK_D=triton.next_power_of_2(dim), HAS_WEIGHT=weight is not None, ROPE=rope)
+    return out
+
+
+@rms_norm_rope.register_fake
+def _(x, weight, cos, sin, eps):
+    return x.new_empty(x.shape)
