@@ -27,78 +27,82 @@ def group_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor | None, bias
 
 
 @triton.jit
-def _group_stats_kernel(x_ptr, pivot_ptr, part_ptr, G, CG, W, HW, GROUP_SIZE, CHUNK, NCHUNK,
+def _group_stats_kernel(x_ptr, pivot_ptr, part_ptr, N_GROUPS, G, CG, W, HW, GROUP_SIZE, CHUNK, NCHUNK,
                         s_n, s_c, s_h, s_w,
-                        BLOCK: tl.constexpr, CHANNELS_LAST: tl.constexpr):
-    ng = tl.program_id(0)  # n * G + g
+                        R: tl.constexpr, BLOCK: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    ng = tl.program_id(0) * R + tl.arange(0, R)  # R groups per program: n * G + g
     chunk = tl.program_id(1)
+    gmask = ng < N_GROUPS
     n = ng // G
     g = ng % G
-    pivot = tl.load(pivot_ptr + ng).to(tl.float32)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK], dtype=tl.float32)
+    pivot = tl.load(pivot_ptr + ng, mask=gmask, other=0.0).to(tl.float32)
+    acc = tl.zeros([R, BLOCK], dtype=tl.float32)
+    acc2 = tl.zeros([R, BLOCK], dtype=tl.float32)
     start = chunk * CHUNK
     for off in range(0, CHUNK, BLOCK):
         i = start + off + tl.arange(0, BLOCK)
-        mask = i < GROUP_SIZE
+        mask = gmask[:, None] & (i < GROUP_SIZE)[None, :]
         if CHANNELS_LAST:
             c = i % CG
             s = i // CG
         else:
             c = i // HW
             s = i % HW
-        ptr = x_ptr + n * s_n + (g * CG + c) * s_c + (s // W) * s_h + (s % W) * s_w
-        v = tl.load(ptr, mask=mask, other=0.0).to(tl.float32) - pivot
+        ptr = x_ptr + (n * s_n + g * CG * s_c)[:, None] + (c * s_c + (s // W) * s_h + (s % W) * s_w)[None, :]
+        v = tl.load(ptr, mask=mask, other=0.0).to(tl.float32) - pivot[:, None]
         v = tl.where(mask, v, 0.0)
         acc += v
         acc2 += v * v
     out = part_ptr + (ng * NCHUNK + chunk) * 2
-    tl.store(out, tl.sum(acc, axis=0))
-    tl.store(out + 1, tl.sum(acc2, axis=0))
+    tl.store(out, tl.sum(acc, axis=1), mask=gmask)
+    tl.store(out + 1, tl.sum(acc2, axis=1), mask=gmask)
 
 
 @triton.jit
-def _group_apply_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, G, CG, W, HW, GROUP_SIZE, CHUNK,
+def _group_apply_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, N_GROUPS, G, CG, W, HW, GROUP_SIZE, CHUNK,
                         s_n, s_c, s_h, s_w, o_n, o_c, o_h, o_w,
-                        BLOCK: tl.constexpr, CHANNELS_LAST: tl.constexpr, SILU: tl.constexpr):
-    ng = tl.program_id(0)
+                        R: tl.constexpr, BLOCK: tl.constexpr, CHANNELS_LAST: tl.constexpr, SILU: tl.constexpr):
+    ng = tl.program_id(0) * R + tl.arange(0, R)
     chunk = tl.program_id(1)
+    gmask = ng < N_GROUPS
     n = ng // G
     g = ng % G
-    mean = tl.load(mean_ptr + ng)
-    rstd = tl.load(rstd_ptr + ng)
+    mean = tl.load(mean_ptr + ng, mask=gmask, other=0.0)[:, None]
+    rstd = tl.load(rstd_ptr + ng, mask=gmask, other=0.0)[:, None]
     start = chunk * CHUNK
     for off in range(0, CHUNK, BLOCK):
         i = start + off + tl.arange(0, BLOCK)
-        mask = i < GROUP_SIZE
+        mask = gmask[:, None] & (i < GROUP_SIZE)[None, :]
         if CHANNELS_LAST:
             c = i % CG
             s = i // CG
         else:
             c = i // HW
             s = i % HW
-        ch = g * CG + c
-        h = s // W
-        w = s % W
-        v = tl.load(x_ptr + n * s_n + ch * s_c + h * s_h + w * s_w, mask=mask, other=0.0).to(tl.float32)
+        ch = (g * CG)[:, None] + c[None, :]
+        h = (s // W)[None, :]
+        w = (s % W)[None, :]
+        v = tl.load(x_ptr + (n * s_n)[:, None] + ch * s_c + h * s_h + w * s_w, mask=mask, other=0.0)
         wt = tl.load(w_ptr + ch, mask=mask, other=1.0).to(tl.float32)
         bs = tl.load(b_ptr + ch, mask=mask, other=0.0).to(tl.float32)
-        y = (v - mean) * rstd * wt + bs
+        y = (v.to(tl.float32) - mean) * rstd * wt + bs
         if SILU:
             y = y * tl.sigmoid(y)
-        tl.store(y_ptr + n * o_n + ch * o_c + h * o_h + w * o_w, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + (n * o_n)[:, None] + ch * o_c + h * o_h + w * o_w, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_shape(n_groups: int, group_size: int) -> tuple[int, int, int]:
-    """(BLOCK, CHUNK, NCHUNK): enough programs to fill a large GPU when there are few groups (a batch of 2 at 32
-    groups is 64 programs); in the interpreter, few large blocks (it runs each program in numpy)."""
+def _launch_shape(n_groups: int, group_size: int) -> tuple[int, int, int, int]:
+    """(R, BLOCK, CHUNK, NCHUNK): on a GPU one group per program and enough chunks per group to fill a large GPU when
+    there are few groups (a batch of 2 at 32 groups is 64 groups); in the interpreter, which runs programs one by
+    one in numpy, whole groups and many of them per program."""
     if interpreting():
-        block = min(4096, triton.next_power_of_2(group_size))
-        return block, triton.cdiv(group_size, block) * block, 1
+        block = min(1 << 14, triton.next_power_of_2(group_size))
+        rows = min(triton.next_power_of_2(n_groups), max(1, (1 << 16) // block))
+        return rows, block, triton.cdiv(group_size, block) * block, 1
     block = min(1024, triton.next_power_of_2(group_size))
     want = max(1, min(triton.cdiv(group_size, block), triton.cdiv(1024, n_groups)))
     chunk = triton.cdiv(triton.cdiv(group_size, want), block) * block
-    return block, chunk, triton.cdiv(group_size, chunk)
+    return 1, block, chunk, triton.cdiv(group_size, chunk)
 
 
 @torch.library.custom_op("engine_kernels::group_norm_silu", mutates_args=())
@@ -119,17 +123,18 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
     b = bias if bias is not None else x.new_zeros(c)
     pivot = x4[:, ::cg, 0, 0].float().contiguous()  # (N, G): each group's first element
     ngroups = n * num_groups
-    block, chunk, nchunk = _launch_shape(ngroups, group_size)
+    rows, block, chunk, nchunk = _launch_shape(ngroups, group_size)
     parts = torch.empty(ngroups, nchunk, 2, device=x.device, dtype=torch.float32)
-    grid = (ngroups, nchunk)
-    _group_stats_kernel[grid](x4, pivot, parts, num_groups, cg, ww, hh * ww, group_size, chunk, nchunk,
-                              *x4.stride(), BLOCK=block, CHANNELS_LAST=channels_last)
+    grid = (triton.cdiv(ngroups, rows), nchunk)
+    _group_stats_kernel[grid](x4, pivot, parts, ngroups, num_groups, cg, ww, hh * ww, group_size, chunk, nchunk,
+                              *x4.stride(), R=rows, BLOCK=block, CHANNELS_LAST=channels_last)
     s1, s2 = parts.sum(1).unbind(-1)
     var = ((s2 - s1 * s1 / group_size) / group_size).clamp_min(0.0)
     mean = (pivot.view(-1) + s1 / group_size).contiguous()
     rstd = torch.rsqrt(var + eps).contiguous()
-    _group_apply_kernel[grid](x4, o4, w, b, mean, rstd, num_groups, cg, ww, hh * ww, group_size, chunk,
-                              *x4.stride(), *o4.stride(), BLOCK=block, CHANNELS_LAST=channels_last, SILU=silu)
+    _group_apply_kernel[grid](x4, o4, w, b, mean, rstd, ngroups, num_groups, cg, ww, hh * ww, group_size, chunk,
+                              *x4.stride(), *o4.stride(), R=rows, BLOCK=block, CHANNELS_LAST=channels_last,
+                              SILU=silu)
     return o4 if x.dim() == 4 else o4.view(x.shape)
 
 

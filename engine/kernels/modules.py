@@ -71,8 +71,8 @@ class GroupNormSiLU(torch.nn.GroupNorm):
 
 
 class FusedResnetBlock2D(ResnetBlock2D):
-    """diffusers' ResnetBlock2D forward (any time-embedding norm but "scale_shift") with `norm1`/`norm2` being GroupNormSiLU:
-    the activations after them are inside the norms; the time embedding's activation is still `nonlinearity`."""
+    """diffusers' ResnetBlock2D forward (any time-embedding norm but "scale_shift") with `norm1`/`norm2` being
+    GroupNormSiLU: the activations after them are inside the norms; the time embedding's is still `nonlinearity`."""
 
     engine_original = ResnetBlock2D
     engine_kernel = "group_norm_silu"

@@ -2,9 +2,9 @@
 
 FLUX normalizes each head of q and k (RMSNorm over the head dimension, with a learned weight) and then rotates
 adjacent pairs (diffusers `apply_rotary_emb`, `use_real_unbind_dim=-1`); eagerly that is about ten kernels over
-q and k (the norm, a float copy, the pair split, the stack, two products and a sum). Here one program handles one
-(batch, token, head) row: it normalizes the row and each element's pair partner in registers and writes the rotated
-result once. Without cos/sin it is a plain RMSNorm.
+q and k (the norm, a float copy, the pair split, the stack, two products and a sum). Here one program handles a
+tile of (batch, token, head) rows: it normalizes each row and each element's pair partner in registers and writes
+the rotated result once. Without cos/sin it is a plain RMSNorm.
 
 `rms_norm_rope(x, weight, cos, sin, eps)` is the custom op; `rms_norm_rope_reference` is what it must equal.
 """
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .runtime import check_device
+from .runtime import check_device, rows_per_program
 
 
 def rms_norm_rope_reference(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor | None,
@@ -31,32 +31,35 @@ def rms_norm_rope_reference(x: torch.Tensor, weight: torch.Tensor | None, cos: t
 
 
 @triton.jit
-def _rms_norm_rope_kernel(x_ptr, y_ptr, w_ptr, cos_ptr, sin_ptr, S, H, D, eps,
+def _rms_norm_rope_kernel(x_ptr, y_ptr, w_ptr, cos_ptr, sin_ptr, N_ROWS, S, H, D, eps,
                           s_xb, s_xs, s_xh, s_xd, s_cs, s_cd, s_ss, s_sd,
-                          BLOCK_D: tl.constexpr, HAS_WEIGHT: tl.constexpr, ROPE: tl.constexpr):
-    row = tl.program_id(0)  # ((b * S) + s) * H + h
-    h = row % H
-    s = (row // H) % S
-    b = row // (H * S)
-    base = x_ptr + b * s_xb + s * s_xs + h * s_xh
+                          ROWS: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WEIGHT: tl.constexpr, ROPE: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # ((b * S) + s) * H + h
+    h = rows % H
+    s = (rows // H) % S
+    b = rows // (H * S)
+    base = (b * s_xb + s * s_xs + h * s_xh)[:, None]
     offs = tl.arange(0, BLOCK_D)
-    mask = offs < D
-    x = tl.load(base + offs * s_xd, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+    dmask = offs < D
+    rmask = (rows < N_ROWS)[:, None]
+    mask = rmask & dmask[None, :]
+    x = tl.load(x_ptr + base + offs[None, :] * s_xd, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
     y = x * rstd
     if HAS_WEIGHT:
-        y = y * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = y * tl.load(w_ptr + offs, mask=dmask, other=0.0).to(tl.float32)[None, :]
     if ROPE:
         partner = offs + 1 - 2 * (offs % 2)  # the other element of the (real, imaginary) pair
-        pmask = mask & (partner < D)
-        yp = tl.load(base + partner * s_xd, mask=pmask, other=0.0).to(tl.float32) * rstd
+        pmask = dmask & (partner < D)
+        yp = tl.load(x_ptr + base + partner[None, :] * s_xd, mask=rmask & pmask[None, :], other=0.0).to(tl.float32)
+        yp = yp * rstd
         if HAS_WEIGHT:
-            yp = yp * tl.load(w_ptr + partner, mask=pmask, other=0.0).to(tl.float32)
-        rotated = tl.where(offs % 2 == 0, -yp, yp)
-        c = tl.load(cos_ptr + s * s_cs + offs * s_cd, mask=mask, other=0.0).to(tl.float32)
-        sn = tl.load(sin_ptr + s * s_ss + offs * s_sd, mask=mask, other=0.0).to(tl.float32)
+            yp = yp * tl.load(w_ptr + partner, mask=pmask, other=0.0).to(tl.float32)[None, :]
+        rotated = tl.where((offs % 2 == 0)[None, :], -yp, yp)
+        c = tl.load(cos_ptr + s[:, None] * s_cs + offs[None, :] * s_cd, mask=mask, other=0.0).to(tl.float32)
+        sn = tl.load(sin_ptr + s[:, None] * s_ss + offs[None, :] * s_sd, mask=mask, other=0.0).to(tl.float32)
         y = y * c + rotated * sn
-    tl.store(y_ptr + row * D + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + rows[:, None] * D + offs[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @torch.library.custom_op("engine_kernels::rms_norm_rope", mutates_args=())
@@ -74,9 +77,12 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tenso
     s = sin if rope else dummy
     cstr = cos.stride() if rope else (0, 0)
     sstr = sin.stride() if rope else (0, 0)
-    _rms_norm_rope_kernel[(bsz * seq * heads,)](
-        x, out, weight if weight is not None else dummy, c, s, seq, heads, dim, eps, *x.stride(), *cstr, *sstr,
-        BLOCK_D=triton.next_power_of_2(dim), HAS_WEIGHT=weight is not None, ROPE=rope)
+    block_d = triton.next_power_of_2(dim)
+    rows = rows_per_program(block_d)
+    n_rows = bsz * seq * heads
+    _rms_norm_rope_kernel[(triton.cdiv(n_rows, rows),)](
+        x, out, weight if weight is not None else dummy, c, s, n_rows, seq, heads, dim, eps, *x.stride(), *cstr,
+        *sstr, ROWS=rows, BLOCK_D=block_d, HAS_WEIGHT=weight is not None, ROPE=rope)
     return out
 
 

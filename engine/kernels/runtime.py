@@ -42,3 +42,10 @@ def check_device(*tensors: torch.Tensor) -> None:
         why = unavailable_reason(t.device)
         if why is not None:
             raise RuntimeError(f"engine kernel on {t.device}: {why}")
+
+
+def rows_per_program(block: int) -> int:
+    """Rows a row-wise kernel (LayerNorm, RMSNorm) handles per program: a tile of about 4K elements on a GPU (one
+    FLUX token of 3072, 32 heads of 128), far more in the interpreter, which runs programs one by one in numpy."""
+    budget = 1 << 16 if interpreting() else 1 << 12
+    return max(1, budget // block)
