@@ -58,13 +58,14 @@ def layer_norm_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tenso
     check_device(x)
     bsz, length, c = x.shape
     out = x.new_empty(x.shape)
-    dummy = x.new_empty(0)
+    dummy = x  # stands in for an absent tensor: a valid pointer the kernel never reads (its flag is off)
     block_c = triton.next_power_of_2(c)
     rows = rows_per_program(block_c)
     _layer_norm_modulate_kernel[(triton.cdiv(bsz * length, rows),)](
         x, out, scale, shift, weight if weight is not None else dummy, bias if bias is not None else dummy,
         bsz * length, length, c, eps, *x.stride(), *scale.stride(), *shift.stride(),
-        ROWS=rows, BLOCK_C=block_c, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None)
+        ROWS=rows, BLOCK_C=block_c, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        num_warps=min(8, max(1, rows * block_c // 512)))  # a 3072-wide token: 8 warps, 16 elements per thread
     return out
 
 
