@@ -33,13 +33,15 @@ def _f64(*tensors):
 
 
 def _layouts(x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The same values as contiguous, channels-last (4-D) and a non-contiguous view."""
+    """The same values as contiguous, channels-last (4-D) and non-contiguous views (of both layouts)."""
     out = {"contiguous": x.contiguous()}
     if x.dim() == 4:
         out["channels_last"] = x.to(memory_format=torch.channels_last)
         big = torch.zeros(x.shape[0], x.shape[1], x.shape[2] * 2, x.shape[3] + 1, dtype=x.dtype)
         big[:, :, ::2, 1:] = x
         out["strided"] = big[:, :, ::2, 1:]
+        out["strided_channels_last"] = big.to(memory_format=torch.channels_last)[:, :, ::2, 1:]
+        assert out["strided_channels_last"].stride(1) == 1
     else:
         big = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
         big[..., ::2] = x
@@ -76,7 +78,9 @@ def test_group_norm_statistics_hold_for_a_large_mean():
     x = torch.randn(2, 8, 16, 16) * 0.01 + 300.0
     w, b = torch.ones(8), torch.zeros(8)
     want = group_norm_silu_reference(x.double(), w.double(), b.double(), 4, 1e-6).float()
-    torch.testing.assert_close(group_norm_silu(x, w, b, 4, 1e-6, True), want, atol=2e-3, rtol=2e-3)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        got = group_norm_silu(x.contiguous(memory_format=layout), w, b, 4, 1e-6, True)
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
 
 
 def test_group_norm_without_affine_parameters_and_bad_groups():
