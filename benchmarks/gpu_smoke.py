@@ -350,7 +350,7 @@ def kernel_figures(device: torch.device, quick: bool) -> dict[str, Any]:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     try:
-        return module.run_kernel_benchmarks(device, quick=quick, iters=20, budget_s=90.0)
+        return module.run_kernel_benchmarks(device, quick=quick, iters=20, budget_s=60.0)
     except Exception as e:  # noqa: BLE001 - a crash is a result here
         return {"error": f"{type(e).__name__}: {e}"[:300]}
 
