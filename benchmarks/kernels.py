@@ -15,7 +15,8 @@ script, with timings that mean nothing (marked "interpreted").
 
 from __future__ import annotations
 
-if __name__ == "kernels":  # imported as Hugging Face's `kernels` (diffusers probes it) because benchmarks/ is on sys.path
+# Found as Hugging Face's `kernels` (which diffusers probes) when benchmarks/ is on sys.path: refuse to be it.
+if __name__ == "kernels":
     raise ImportError("benchmarks/kernels.py is the engine's kernel benchmark, not Hugging Face's `kernels` package")
 
 import argparse

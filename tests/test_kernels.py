@@ -183,7 +183,8 @@ KERNELS = [  # kernel, pointer types (other runtime arguments are i32, eps fp32)
     (g._cl_stats_kernel, {"x_ptr": h, "pivot_ptr": f, "part_ptr": f}, {"PIX": 8, "BLOCK_C": 512}),
     (g._cl_apply_kernel, {"x_ptr": h, "y_ptr": h, "a_ptr": f, "b_ptr": f}, {"PIX": 8, "BLOCK_C": 512, "SILU": True}),
     (l._layer_norm_modulate_kernel, {"x_ptr": h, "y_ptr": h, "scale_ptr": h, "shift_ptr": h, "w_ptr": h, "b_ptr": h,
-                                     "eps": "fp32"}, {"ROWS": 1, "BLOCK_C": 4096, "HAS_WEIGHT": True, "HAS_BIAS": True}),
+                                     "eps": "fp32"},
+     {"ROWS": 1, "BLOCK_C": 4096, "HAS_WEIGHT": True, "HAS_BIAS": True}),
     (r._rms_norm_rope_kernel, {"x_ptr": h, "y_ptr": h, "w_ptr": h, "cos_ptr": f, "sin_ptr": f, "eps": "fp32"},
      {"ROWS": 32, "BLOCK_D": 128, "HAS_WEIGHT": True, "ROPE": True}),
 ]
