@@ -84,13 +84,14 @@ SHAPES: list[Shape] = [
 
 
 def _references() -> dict[str, tuple[Callable[..., Any], Callable[..., Any]]]:
-    from engine.kernels.group_norm_silu import group_norm_silu, group_norm_silu_reference
-    from engine.kernels.layer_norm_modulate import layer_norm_modulate, layer_norm_modulate_reference
-    from engine.kernels.rms_norm_rope import rms_norm_rope, rms_norm_rope_reference
+    """kernel name -> (custom op, reference), from engine.kernels.KERNELS."""
+    import importlib
 
-    return {"group_norm_silu": (group_norm_silu, group_norm_silu_reference),
-            "layer_norm_modulate": (layer_norm_modulate, layer_norm_modulate_reference),
-            "rms_norm_rope": (rms_norm_rope, rms_norm_rope_reference)}
+    from engine.kernels import KERNELS
+
+    modules = {name: importlib.import_module(f"engine.kernels.{name}") for name in KERNELS}
+    return {name: (getattr(modules[name], name), getattr(modules[name], spec.reference))
+            for name, spec in KERNELS.items()}
 
 
 def _time_ms(fn: Callable[[], Any], device: torch.device, iters: int) -> float:

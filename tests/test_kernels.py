@@ -91,6 +91,17 @@ def test_group_norm_without_affine_parameters_and_bad_groups():
         group_norm_silu(x, None, None, 4, 1e-5, True)
 
 
+def test_kernel_table_names_each_op_and_its_reference():
+    import importlib
+
+    from engine.kernels import KERNELS
+
+    assert set(KERNELS) == {"group_norm_silu", "layer_norm_modulate", "rms_norm_rope"}
+    for name, spec in KERNELS.items():
+        module = importlib.import_module(f"engine.kernels.{name}")
+        assert callable(getattr(module, spec.reference)) and hasattr(torch.ops.engine_kernels, name)
+
+
 LN_CASES = [(2, 7, 48), (1, 33, 100), (3, 1, 5)]
 
 
