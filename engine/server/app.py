@@ -47,6 +47,7 @@ from ..service import wait_change_async
 from . import schemas
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
+from .surface import add_surface_routes, local_inputs
 
 log = logging.getLogger(__name__)
 
@@ -235,10 +236,11 @@ def create_app(engine: Any, *, api_key: str | None = None, allow_private_urls: b
     key_header = APIKeyHeader(name="Authorization", scheme_name="FalKey", auto_error=False,
                               description="`Key <api key>` (fal's form); required when the server has a key")
 
+    def key_ok(given: str | None) -> bool:
+        return expected is None or hmac.compare_digest((given or "").encode("utf-8", "surrogateescape"), expected)
+
     async def authorize(given: str | None = Security(key_header)) -> None:
-        if expected is None:
-            return
-        if not hmac.compare_digest((given or "").encode("utf-8", "surrogateescape"), expected):
+        if not key_ok(given):
             raise Unauthorized("missing or wrong API key (send `Authorization: Key <key>`)")
 
     app = FastAPI(title="engine", version="1", docs_url=None, redoc_url=None, openapi_url=None,
@@ -293,7 +295,8 @@ def create_app(engine: Any, *, api_key: str | None = None, allow_private_urls: b
             base_url = str(request.base_url)
 
             def submit() -> Job:
-                call = service.prepare(app_id, arguments)
+                with local_inputs(service.files, surface.own_bases(base_url)):  # our file URLs: read, not fetched
+                    call = service.prepare(app_id, arguments)
                 if ignored:
                     call.notes.insert(0, f"ignored unknown arguments: {', '.join(ignored)}")
                 return service.enqueue(call, base_url=base_url, webhook_url=webhook_url, want_previews=previews,
@@ -405,6 +408,9 @@ def create_app(engine: Any, *, api_key: str | None = None, allow_private_urls: b
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"x-fal-request-id": job.id, "cache-control": "no-cache"})
 
+    # uploads, status streaming, realtime, webhooks, OpenAI images API (before the catch-all POST below)
+    surface = add_surface_routes(app, service, auth=auth, key_ok=key_ok, api_key=api_key, metrics=metrics)
+    app.state.surface = surface
     for spec in ENDPOINTS.values():
         _add_app_routes(app, spec, auth, submit=submit, run=run, stream=stream)
 
