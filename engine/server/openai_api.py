@@ -20,6 +20,7 @@ or JPEG bytes. Every request goes through the same job queue as fal's routes, an
 from __future__ import annotations
 
 import base64
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ FORMATS = {"png", "jpeg"}
 EXTENSIONS = ("seed", "num_inference_steps", "guidance_scale", "negative_prompt")
 MAX_N = 8
 MAX_FORM_BYTES = 64 * 1024 * 1024
+MAX_JSON_BYTES = 1 << 20
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 
 
@@ -137,7 +139,7 @@ def build_arguments(body: dict[str, Any], fields: frozenset[str], base: dict[str
     return arguments, response_format
 
 
-def image_entries(result: dict[str, Any], response_format: str, prompt: str) -> list[dict[str, Any]]:
+def image_entries(result: dict[str, Any], response_format: str) -> list[dict[str, Any]]:
     images = result.get("images") or ([result["image"]] if result.get("image") else [])
     out = []
     for image in images:
@@ -183,16 +185,21 @@ def add_openai_routes(app: FastAPI, config: OpenAIConfig) -> None:
         arguments, response_format = build_arguments(body, config.schema_fields(app_id), {**base, **(inputs or {})})
         result = await config.run(request, app_id, arguments)
         fmt = body.get("output_format") or "png"
-        return JSONResponse({"created": int(time.time()), "data": image_entries(result, response_format,
-                                                                                 arguments["prompt"]),
+        return JSONResponse({"created": int(time.time()), "data": image_entries(result, response_format),
                              "output_format": fmt})
 
     @app.post("/v1/images/generations", tags=["openai"], summary="OpenAI images API: text to image")
     async def generations(request: Request) -> JSONResponse:
         try:
             authorize(request)
+            raw, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_JSON_BYTES:
+                    raise OpenAIError(413, f"body larger than {MAX_JSON_BYTES} bytes", code="payload_too_large")
+                raw.append(chunk)
             try:
-                body = await request.json()
+                body = json.loads(b"".join(raw))
             except ValueError:
                 raise OpenAIError(400, "the body must be JSON", code="invalid_json") from None
             if not isinstance(body, dict):

@@ -138,11 +138,19 @@ async def receive_into(request: Request, writer: UploadWriter) -> None:
         raise
 
 
+async def small_body(request: Request, limit: int = 64 * 1024) -> bytes:
+    """A small JSON body (control messages), read with a cap."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise InvalidRequestError("body", "too large", f"at most {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _initiate_body(request: Request) -> dict[str, Any]:
-    declared = _declared_size(request)
-    if declared is not None and declared > 64 * 1024:
-        raise InvalidRequestError("body", "too large for {content_type, file_name}", "at most 64 KiB")
-    raw = await request.body()
+    raw = await small_body(request)
     try:
         body = json.loads(raw or b"{}")
     except ValueError:
@@ -233,7 +241,7 @@ def add_storage_routes(app: FastAPI, files: FileStore, signer: TokenSigner, auth
     async def _complete(slot: _Slot, request: Request) -> Any:
         assert slot.multipart is not None
         try:
-            body = json.loads(await request.body() or b"{}")
+            body = json.loads(await small_body(request, 1 << 20) or b"{}")
             parts = body.get("parts") if isinstance(body, dict) else None
             numbers = None if not parts else [int(p.get("partNumber", p.get("part_number"))) for p in parts]
         except (ValueError, TypeError, AttributeError):

@@ -30,7 +30,7 @@ from ..service import job_result, wait_change_async
 from .openai_api import OpenAIConfig, OpenAIError, add_openai_routes
 from .realtime import RealtimeConfig, RealtimeContext, serve_realtime
 from .status_stream import status_events, truthy
-from .storage import add_storage_routes
+from .storage import add_storage_routes, small_body
 from .tokens import TokenSigner, parse_token_request
 
 # OpenAI edits: the image-to-image and inpainting app of each text-to-image app (filled in where the engine has them)
@@ -91,7 +91,7 @@ def add_surface_routes(app: FastAPI, service: Any, *, auth: list[Any], key_ok: C
     @app.post("/tokens", dependencies=auth, include_in_schema=False)
     async def tokens(request: Request) -> JSONResponse:
         try:
-            body = json.loads(await request.body() or b"{}")
+            body = json.loads(await small_body(request) or b"{}")
         except ValueError:
             body = None
         apps, ttl = parse_token_request(body)
