@@ -313,3 +313,46 @@ def test_openai_errors(server, oai):
     with pytest.raises(openai.AuthenticationError):
         bad.images.generate(model="fal-ai/fast-sdxl", prompt="x")
     assert server.proc.poll() is None
+
+
+# -- the official JS client ---------------------------------------------------------------------------------------
+def _js_client_dir() -> "Path | None":
+    """@fal-ai/client 1.10.1 and ws, installed once with npm into the engine cache (None when npm is unavailable)."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        return None
+    root = Path(os.environ.get("ENGINE_CACHE_DIR") or Path.home() / ".cache" / "engine") / "js-fal-client"
+    if not (root / "node_modules" / "@fal-ai" / "client").is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["npm", "install", "--prefix", str(root), "--no-audit", "--no-fund",
+                               "@fal-ai/client@1.10.1", "ws@8"], capture_output=True, timeout=300)
+        if done.returncode != 0:
+            return None
+    return root
+
+
+def test_official_js_client_streaming_blob_upload_and_realtime(server):
+    """What the issue found missing with the JS client: `subscribe(..., {mode: "streaming"})`, a Blob input (uploaded
+    through the storage routes first) and `fal.realtime.connect` (token, then the socket)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = _js_client_dir()
+    if root is None:
+        pytest.skip("node/npm or the npm registry is not available")
+    script = Path(__file__).parent / "js" / "fal_js_client_check.cjs"
+    env = {**os.environ, "NODE_PATH": str(root / "node_modules"), "NODE_EXTRA_CA_CERTS": str(server.ca_file)}
+    done = subprocess.run(["node", str(script), BASE, API_KEY], capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["streaming"]["width"] == 64 and out["streaming"]["updates"][-1] == "COMPLETED"
+    assert out["blob"] == {"width": 64, "height": 32}
+    assert out["upload"]["url"].startswith(f"{BASE}/files/")
+    assert [r["seed"] for r in out["realtime"]] == [11, 12]
+    assert all(r["url"].startswith("data:image/jpeg;base64") for r in out["realtime"])
