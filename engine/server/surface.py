@@ -21,9 +21,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocket
 
 from .. import net
-from ..endpoints import ENDPOINTS
-from ..loading import as_caller
+from ..endpoints import ENDPOINTS, PreparedCall, load_image_argument
+from ..loading import as_caller, check_untrusted_model
 from ..registry import find_spec, registry
+from ..requests import GenerateRequest, parse_request
 from ..runtime.files import FileStore
 from ..runtime.webhooks import WebhookSender
 from ..service import job_result, wait_change_async
@@ -33,8 +34,9 @@ from .status_stream import status_events, truthy
 from .storage import add_storage_routes, small_body
 from .tokens import TokenSigner, parse_token_request
 
-# OpenAI edits: the image-to-image and inpainting app of each text-to-image app (filled in where the engine has them)
-EDIT_APPS: dict[str, dict[str, str]] = {}
+# OpenAI edits run as one engine call (image-to-image, or inpainting with a mask) on the model behind the named app
+EDIT_APP = "openai/images/edits"
+EDIT_FIELDS = frozenset({"num_inference_steps", "seed", "guidance_scale", "negative_prompt", "format"})
 
 
 @contextlib.contextmanager
@@ -122,12 +124,11 @@ def add_surface_routes(app: FastAPI, service: Any, *, auth: list[Any], key_ok: C
         app_id, base = _text_to_image_target(model)
         if task == "generate":
             return app_id, base
-        edit_app = EDIT_APPS.get(app_id, {}).get(task)
-        if edit_app is None:
-            what = "inpainting (a mask)" if task == "inpaint" else "image-to-image"
-            raise OpenAIError(400, f"{model!r} has no {what} app on this server", param="model",
+        model_id = base.get("model_name") or service.table.model_for(app_id)
+        if not model_id:
+            raise OpenAIError(400, f"{app_id} has no model configured on this server", param="model",
                               code="unsupported_model")
-        return edit_app, base
+        return EDIT_APP, {"model": model_id, "app": app_id}
 
     def _text_to_image_target(model: str) -> tuple[str, dict[str, Any]]:
         if model in ENDPOINTS:
@@ -146,15 +147,16 @@ def add_surface_routes(app: FastAPI, service: Any, *, auth: list[Any], key_ok: C
         return "fal-ai/lora", {"model_name": model}  # any model by name (the caller policy still applies)
 
     def schema_fields(app_id: str) -> frozenset[str]:
-        return frozenset(ENDPOINTS[app_id].schema.model_fields)
+        return EDIT_FIELDS if app_id == EDIT_APP else frozenset(ENDPOINTS[app_id].schema.model_fields)
 
     async def run(request: Request, app_id: str, arguments: dict[str, Any]) -> dict[str, Any]:
         base_url = str(request.base_url)
         if metrics is not None:
-            metrics.request(app_id, "openai")
+            metrics.request(arguments["app"] if app_id == EDIT_APP else app_id, "openai")
 
         def submit() -> Any:
-            return service.enqueue(prepare(app_id, arguments, base_url), base_url=base_url)
+            call = prepare_edit(service, arguments) if app_id == EDIT_APP else prepare(app_id, arguments, base_url)
+            return service.enqueue(call, base_url=base_url)
 
         job = await run_in_threadpool(submit)
         try:
@@ -177,3 +179,53 @@ def add_surface_routes(app: FastAPI, service: Any, *, auth: list[Any], key_ok: C
     add_openai_routes(app, OpenAIConfig(resolve=resolve, schema_fields=schema_fields, run=run, key_ok=key_ok,
                                         requires_auth=requires_auth, models=models))
     return surface
+
+
+def prepare_edit(service: Any, arguments: dict[str, Any]) -> PreparedCall:
+    """An OpenAI edit as one engine call: `image` (+ `strength`) is image-to-image, with `mask_url` inpainting (white
+    repaints). Without a size the output has the input's size, rounded down to the model family's size multiple."""
+    if "image" not in GenerateRequest.model_fields:
+        raise OpenAIError(501, "image-to-image is not in this engine build", code="not_implemented")
+    model: str = arguments["model"]
+    spec = find_spec(model)
+    policy = service.caller_policy
+    if not policy.trusted:
+        if model in service._operator_models():
+            policy = policy.with_pinned(model)
+        else:
+            check_untrusted_model(model, policy, field="model")
+    image = load_image_argument(arguments["image_url"], allow_private_urls=False, field_name="image")
+    mask = (load_image_argument(arguments["mask_url"], allow_private_urls=False, field_name="mask")
+            if arguments.get("mask_url") else None)
+    size = arguments.get("image_size")
+    if size:
+        width, height = size["width"], size["height"]
+    else:
+        multiple = spec.family_spec.size_multiple if spec is not None else 8
+        width, height = image.width // multiple * multiple, image.height // multiple * multiple
+    fields: dict[str, Any] = {"model": model, "prompt": arguments["prompt"], "width": width, "height": height,
+                              "num_images": arguments["num_images"], "image": image.convert("RGB")}
+    for name in ("seed", "num_inference_steps", "guidance_scale", "negative_prompt", "strength"):
+        if arguments.get(name) is not None:
+            fields[name] = arguments[name]
+    if mask is not None:
+        fields["mask_image"] = mask.convert("L")
+    request = parse_request(GenerateRequest, fields)
+    if spec is not None and spec.family_spec.task == "text-to-image":
+        request.validate_for_family(spec.family_spec, width, height)
+    fmt, sync_mode = arguments.get("format", "png"), bool(arguments.get("sync_mode"))
+
+    def execute(engine: Any, ctx: Any) -> Any:
+        def on_step(i: int, n: int, latents: Any) -> None:
+            ctx.progress(i + 1, n)
+
+        return engine.generate(request, step_callback=on_step)
+
+    def render(result: Any, store: FileStore, base_url: str | None) -> dict[str, Any]:
+        return {"images": [store.image_object(im, fmt, sync_mode=sync_mode, base_url=base_url)
+                           for im in result.images], "seed": result.seed, "timings": result.timings}
+
+    call = PreparedCall(arguments["app"], model, execute, render,
+                        ["inpainting" if mask is not None else "image-to-image", f"openai edit on {model}"])
+    call.caller = policy  # type: ignore[attr-defined]
+    return call
