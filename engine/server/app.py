@@ -8,6 +8,8 @@ Point the official client here with `FAL_RUN_HOST=H:P` and `FAL_QUEUE_RUN_HOST=H
   GET  /queue/{any}/requests/{id}                 result
   PUT  /queue/{any}/requests/{id}/cancel          cancel
   GET  /files/{key}  GET /health  GET /metrics  GET /openapi.json
+and, from `surface.py`: the storage (upload) routes, GET .../requests/{id}/status/stream (SSE), POST /tokens/ and
+the /{app_id}/realtime websocket, signed webhooks, and OpenAI's /v1/images/generations, /v1/images/edits, /v1/models.
 Every app id gets its own run, stream and submit routes, so `/openapi.json` lists each with its input schema (the
 endpoint's pydantic model, the one that validates the body before any engine code runs) and its output schema.
 Validation, input fetching and encoding run in worker threads; the event loop only routes and waits. No exception

@@ -172,8 +172,13 @@ async def serve_realtime(websocket: WebSocket, app_path: str, config: RealtimeCo
             arrived.set()
 
     async def send(message: dict[str, Any]) -> None:
-        if websocket.application_state is WebSocketState.CONNECTED and not closed:
+        nonlocal closed
+        if websocket.application_state is not WebSocketState.CONNECTED or closed:
+            return
+        try:
             await websocket.send(message)
+        except Exception:  # noqa: BLE001 - the client went away between the check and the send
+            closed = True
 
     async def handle(message: dict[str, Any]) -> None:
         request_id = None
