@@ -377,3 +377,13 @@ def test_official_js_client_streaming_blob_upload_and_realtime(server):
     assert out["upload"]["url"].startswith(f"{BASE}/files/")
     assert [r["seed"] for r in out["realtime"]] == [11, 12]
     assert all(r["url"].startswith("data:image/jpeg;base64") for r in out["realtime"])
+    assert out["proxy"] == {"seed": 5, "url": f"{BASE}/files/"}
+
+
+def test_proxy_path_maps_only_fals_hosts(server):
+    r = server.http.post(f"{BASE}/fal/proxy", json={"prompt": "x", **SMALL},
+                         headers={"x-fal-target-url": "https://fal.run/fal-ai/fast-sdxl"})
+    assert r.status_code == 200 and r.json()["images"][0]["width"] == 64
+    for target in ("https://example.com/fal-ai/fast-sdxl", "http://fal.run/fal-ai/fast-sdxl", ""):
+        r = server.http.post(f"{BASE}/fal/proxy", json={}, headers={"x-fal-target-url": target})
+        assert r.status_code == 400, target

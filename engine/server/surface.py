@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from .. import net
@@ -37,6 +39,33 @@ from .tokens import TokenSigner, parse_token_request
 # OpenAI edits run as one engine call (image-to-image, or inpainting with a mask) on the model behind the named app
 EDIT_APP = "openai/images/edits"
 EDIT_FIELDS = frozenset({"num_inference_steps", "seed", "guidance_scale", "negative_prompt", "format"})
+
+
+PROXY_PATH = "/fal/proxy"
+FAL_HOSTS = {"fal.run": "", "queue.fal.run": "/queue", "rest.fal.ai": ""}  # fal's host -> our path prefix
+
+
+class FalProxyPath:
+    """ASGI middleware: `{server}/fal/proxy` with `x-fal-target-url: https://{fal host}/{path}` (what the JS client's
+    `proxyUrl` sends) is routed as a request for that path on this server. Only fal's own hosts are mapped, and
+    nothing is fetched: any other target is a 400."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == PROXY_PATH:
+            headers = dict(scope.get("headers") or [])
+            target = urllib.parse.urlsplit(headers.get(b"x-fal-target-url", b"").decode("latin-1"))
+            prefix = FAL_HOSTS.get((target.hostname or "").lower()) if target.scheme == "https" else None
+            if prefix is None:
+                response = JSONResponse({"detail": "x-fal-target-url must be an https URL on fal.run, queue.fal.run "
+                                                   "or rest.fal.ai", "error_type": "invalid_request"}, 400)
+                await response(scope, receive, send)
+                return
+            path = prefix + (target.path or "/")
+            scope = {**scope, "path": path, "raw_path": path.encode(), "query_string": target.query.encode()}
+        await self.app(scope, receive, send)
 
 
 @contextlib.contextmanager
@@ -70,6 +99,8 @@ def add_surface_routes(app: FastAPI, service: Any, *, auth: list[Any], key_ok: C
     def prepare(app_id: str, arguments: Any, base_url: str) -> Any:
         with local_inputs(files, surface.own_bases(base_url)):
             return service.prepare(app_id, arguments)
+
+    app.add_middleware(FalProxyPath)  # the JS client's proxyUrl: {server}/fal/proxy
 
     # -- uploads ------------------------------------------------------------------------------------------------
     surface.slots = add_storage_routes(app, files, surface.signer, auth, key_ok, requires_auth)

@@ -64,6 +64,13 @@ async function main() {
     connection.send(frame(11));
     setTimeout(() => connection.send(frame(12)), 3000);
   });
+  // 4. the same server as the client's proxyUrl: {server}/fal/proxy reads x-fal-target-url
+  const proxied = createFalClient({ credentials: key, proxyUrl: { url: `${base}/fal/proxy`, when: "always" } });
+  const viaProxy = await proxied.subscribe("fal-ai/fast-sdxl", {
+    input: { prompt: "proxied", seed: 5, image_size: { width: 64, height: 64 }, num_inference_steps: 1 },
+    pollInterval: 100,
+  });
+  out.proxy = { seed: viaProxy.data.seed, url: viaProxy.data.images[0].url.slice(0, base.length + 7) };
   console.log(JSON.stringify(out));
 }
 
