@@ -5,7 +5,7 @@ the app's catch-all POST route) over the same service, file store, queue and key
 Inputs that name this server's own file URLs (`{server}/files/{id}`: an upload's `file_url`, or an earlier output)
 are read from the file store, never fetched: `local_inputs(...)` wraps every `prepare` (fal routes, realtime,
 OpenAI). "Own" means the request's base URL, plus any `public_urls` the operator names (`engine serve --public-url`,
-for a server behind a proxy).
+for a server behind a proxy). `/fal/proxy` makes the server its own `proxyUrl` for the JS client.
 """
 
 from __future__ import annotations
