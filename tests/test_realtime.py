@@ -130,15 +130,17 @@ def test_msgpack_and_json_frames_with_key_header():
 
 def test_refusals_send_an_error_frame_then_close():
     client, signer = make_client(Calls())
-    cases = [("/fal-ai/fast-lightning-sdxl/realtime", {}, "UNAUTHORIZED"),
-             ("/fal-ai/fast-lightning-sdxl/realtime", {"Authorization": "Key wrong"}, "UNAUTHORIZED"),
+    cases = [("/fal-ai/fast-lightning-sdxl/realtime", {}, "Unauthorized"),
+             ("/fal-ai/fast-lightning-sdxl/realtime", {"Authorization": "Key wrong"}, "Unauthorized"),
              ("/fal-ai/fast-lightning-sdxl/realtime?fal_jwt_token=" + signer.issue("realtime", ["flux"])[0], {},
-              "UNAUTHORIZED"),  # a token for another app
+              "Unauthorized"),  # a token for another app
              ("/fal-ai/nope/realtime", {"Authorization": "Key k"}, "APP_NOT_FOUND"),
              ("/fal-ai/flux/schnell/realtime?max_buffering=99", {"Authorization": "Key k"}, "INVALID_REQUEST")]
     for path, headers, error in cases:
         with client.websocket_connect(path, headers=headers) as ws:
-            assert json.loads(ws.receive_text())["error"] == error, path
+            frame = json.loads(ws.receive_text())
+            assert frame["type"] == "x-fal-error" and frame["error"] == error, path
+            assert (frame.get("status") == "error") == (error == "Unauthorized")
             with pytest.raises(WebSocketDisconnect) as info:
                 ws.receive_text()
             assert info.value.code == 1008

@@ -231,7 +231,7 @@ def test_realtime_with_a_token_and_its_expiry_and_scope(server):
         with connect(f"wss://127.0.0.1:{PORT}/{path}/realtime?fal_jwt_token={token}") as ws:
             return json.loads(ws.recv(timeout=30))
 
-    assert first_frame("fal-ai/fast-lightning-sdxl", short)["error"] == "UNAUTHORIZED"  # another app
+    assert first_frame("fal-ai/fast-lightning-sdxl", short)["error"] == "Unauthorized"  # another app
     time.sleep(1.2)
     frame = first_frame("fal-ai/flux/schnell", short)
     assert frame["type"] == "x-fal-error" and "expired" in frame["reason"]

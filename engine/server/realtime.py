@@ -2,7 +2,9 @@
 
 Authentication, at connect: `?fal_jwt_token=<token from POST /tokens/>` (signed, short-lived, scoped to the app),
 or the key header `Authorization: Key <key>` (the Python client's `realtime(app, use_jwt=False)`). A refused
-connection gets an error frame and a close (1008), so a client sees why.
+connection gets an error frame and a close (1008), so a client sees why; an auth refusal's frame is
+`{"type": "x-fal-error", "status": "error", "error": "Unauthorized", "reason": ...}`, which the JS client reads as
+"fetch a new token".
 
 Frames: each client frame is one request's arguments, msgpack (binary, what fal's clients send by default) or JSON
 (text). The answer goes back in the same encoding: the app's result JSON, with images inline (`sync_mode` defaults to
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 MAX_BUFFERING = (1, 60)
 POLICY_VIOLATION = 1008
+UNAUTHORIZED = "Unauthorized"  # the JS client matches this exact text (with status "error") to refresh its token
 
 
 @dataclass
@@ -117,7 +120,10 @@ class RealtimeConfig:
 
 async def _refuse(websocket: WebSocket, error: str, reason: str) -> None:
     await websocket.accept()
-    await websocket.send_text(json.dumps(error_frame(error, reason)))
+    frame = error_frame(error, reason)
+    if error == UNAUTHORIZED:
+        frame["status"] = "error"  # with error "Unauthorized": what the JS client takes as "get a new token"
+    await websocket.send_text(json.dumps(frame))
     await websocket.close(POLICY_VIOLATION, reason[:120])
 
 
@@ -141,7 +147,7 @@ async def serve_realtime(websocket: WebSocket, app_path: str, config: RealtimeCo
         if not MAX_BUFFERING[0] <= buffering <= MAX_BUFFERING[1]:
             raise ValueError
     except TokenError as e:
-        await _refuse(websocket, "UNAUTHORIZED", str(e))
+        await _refuse(websocket, UNAUTHORIZED, str(e))
         return
     except EngineError as e:
         await _refuse(websocket, e.error_type.upper(), str(e))
