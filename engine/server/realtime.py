@@ -188,7 +188,6 @@ async def serve_realtime(websocket: WebSocket, app_path: str, config: RealtimeCo
 
     async def handle(message: dict[str, Any]) -> None:
         request_id = None
-        binary = message.get("bytes") is not None
         try:
             frame = decode_frame(message)
             arguments = frame.arguments
