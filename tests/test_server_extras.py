@@ -16,9 +16,13 @@ import hashlib
 import http.server
 import io
 import json
+import os
+import shutil
 import ssl
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -337,13 +341,8 @@ def test_openai_errors(server, oai):
 
 
 # -- the official JS client ---------------------------------------------------------------------------------------
-def _js_client_dir() -> "Path | None":
+def _js_client_dir() -> Path | None:
     """@fal-ai/client 1.10.1 and ws, installed once with npm into the engine cache (None when npm is unavailable)."""
-    import os
-    import shutil
-    import subprocess
-    from pathlib import Path
-
     if shutil.which("node") is None or shutil.which("npm") is None:
         return None
     root = Path(os.environ.get("ENGINE_CACHE_DIR") or Path.home() / ".cache" / "engine") / "js-fal-client"
@@ -359,10 +358,6 @@ def _js_client_dir() -> "Path | None":
 def test_official_js_client_streaming_blob_upload_and_realtime(server):
     """What the issue found missing with the JS client: `subscribe(..., {mode: "streaming"})`, a Blob input (uploaded
     through the storage routes first) and `fal.realtime.connect` (token, then the socket)."""
-    import os
-    import subprocess
-    from pathlib import Path
-
     root = _js_client_dir()
     if root is None:
         pytest.skip("node/npm or the npm registry is not available")
