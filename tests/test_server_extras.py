@@ -206,8 +206,16 @@ def test_status_stream_events_end_at_completed(server):
 
 
 # -- realtime -----------------------------------------------------------------------------------------------------
+def _metric(server, name: str, app: str) -> float:
+    prefix = f'{name}{{app="{app}"'
+    return sum(float(line.rsplit(" ", 1)[1]) for line in server.http.get(f"{BASE}/metrics").text.splitlines()
+               if line.startswith(prefix))
+
+
 def test_realtime_with_key_header_several_frames(server):
-    with server.client.realtime("fal-ai/fast-lightning-sdxl", use_jwt=False) as conn:
+    app = "fal-ai/fast-lightning-sdxl"
+    jobs_before = _metric(server, "engine_jobs_completed_total", app)
+    with server.client.realtime(app, use_jwt=False) as conn:
         for i in range(3):
             conn.send({"prompt": f"frame {i}", "seed": i, "image_size": {"width": 64, "height": 64},
                        "num_inference_steps": "1", "request_id": f"r{i}"})
@@ -221,6 +229,8 @@ def test_realtime_with_key_header_several_frames(server):
         conn.send({"prompt": "after an error", "image_size": {"width": 64, "height": 64},
                    "num_inference_steps": "1"})
         assert conn.recv()["prompt"] == "after an error"
+    assert _metric(server, "engine_requests_total", app) >= 1  # counted as a realtime connection
+    assert _metric(server, "engine_jobs_completed_total", app) == jobs_before  # frames skip the job queue
 
 
 def test_realtime_with_a_token_and_its_expiry_and_scope(server):
