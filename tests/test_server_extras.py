@@ -231,6 +231,9 @@ def test_realtime_with_key_header_several_frames(server):
         assert conn.recv()["prompt"] == "after an error"
     assert _metric(server, "engine_requests_total", app) >= 1  # counted as a realtime connection
     assert _metric(server, "engine_jobs_completed_total", app) == jobs_before  # frames skip the job queue
+    server.client.run(app, {"prompt": "queued", "image_size": {"width": 64, "height": 64},
+                            "num_inference_steps": "1"})
+    assert _metric(server, "engine_jobs_completed_total", app) == jobs_before + 1  # (a queued request counts)
 
 
 def test_realtime_with_a_token_and_its_expiry_and_scope(server):
