@@ -282,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         cases = [Case(*c) for c in QUICK if not args.models or c[0] in args.models]
     else:
-        models = args.models or TINY + SMALL + [m for m in REAL if get_spec(m).available_offline()]
+        from engine.loading import available_offline
+
+        models = args.models or TINY + SMALL + [m for m in REAL if available_offline(get_spec(m))]
         cases = plan_cases(models, CELLS)
     models = list(dict.fromkeys(c.model for c in cases))
     if args.list:

@@ -22,15 +22,16 @@ from .compiler import CompileConfig, OptimizationReport, optimize, resolve_confi
 from .compiler.compile import run_compiled
 from .compiler.dtype import dtype_policy
 from .errors import InsufficientMemoryError, InvalidRequestError, ModelNotFoundError, RefusedSourceError
-from .loading import LoadedModel, caller_policy, load_model
+from .images import DEFAULT_MAX_PIXELS
+from .loading import LoadedModel, available_offline, caller_policy, load_model
 from .lora import LoraManager, resolve_lora
 from .pipelines.base import GenerationParams, StepCallback, TextToImagePipeline
 from .registry import find_spec, registry
 from .requests import GenerateRequest, Result, UpscaleRequest, UpscaleResult, parse_request
 from .runtime.device import resolve_device
 from .runtime.planner import Planner, free_device_memory, is_out_of_memory
+from .runtime.queue import close_queue
 from .schedulers import get_preset
-from .service import FalMixin
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +123,9 @@ def _upscale_ids() -> list[str]:
     return sorted(k for k, s in registry().items() if s.family_spec.task == "upscale")
 
 
-class Engine(FalMixin):
-    """Loads models by id or path and runs text-to-image and upscale jobs on one device; `run`/`submit`/
-    `subscribe`/`stream` (and async variants) speak fal's endpoint schemas (engine/service.py)."""
+class Engine:
+    """Loads models by id or path and runs text-to-image and upscale jobs on one device. fal's API (`run`, `submit`,
+    `subscribe`, `stream`) wraps an engine: `FalService(engine)` (engine/service.py)."""
 
     def __init__(self, device: str | torch.device = "auto", *, opt_level: str | None = None,
                  compile_config: CompileConfig | dict[str, Any] | None = None, allow_pickle: bool = False,
@@ -151,7 +152,7 @@ class Engine(FalMixin):
         self._slots: dict[str, _Slot] = {}
         self._upscalers: dict[str, _UpscaleSlot] = {}
         self._last_used: dict[str, float] = {}  # model -> time of its last use, for LRU eviction
-        self.max_input_pixels = 16_777_216  # upscale inputs larger than this are refused (4096 x 4096)
+        self.max_input_pixels = DEFAULT_MAX_PIXELS  # upscale inputs larger than this are refused
         self._load_lock = threading.Lock()
         self._run_lock = threading.Lock()
 
@@ -341,7 +342,7 @@ class Engine(FalMixin):
         """The registry: id, family, task, source, description and whether it is available offline."""
         return [
             {"id": s.id, "family": s.family, "task": s.family_spec.task, "source": s.source,
-             "description": s.description, "offline": s.available_offline()}
+             "description": s.description, "offline": available_offline(s)}
             for s in registry().values()
         ]
 
@@ -527,13 +528,9 @@ class Engine(FalMixin):
 
 
     def close(self) -> None:
-        """Stop the job queue's threads (a running job ends `interrupted`), remove temporary outputs and unload every
-        model. Idempotent; `with Engine(...) as engine:` calls it on exit."""
-        from .service import close_queue
-
-        service = self.__dict__.pop("_fal_service", None)
-        if service is not None:
-            service.close()
+        """Stop the engine's job queue (its threads; a running job ends `interrupted`) and unload every model.
+        Idempotent; `with Engine(...) as engine:` calls it on exit. A `FalService`'s output files go with its own
+        `close()`."""
         close_queue(self)
         for model in list(self.loaded_models()):
             self.unload(model)

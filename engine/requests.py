@@ -12,9 +12,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import InvalidRequestError
 from .families import FamilySpec
-from .lora import MAX_LORAS, LoraSpec
-
 MAX_SEED = 2**63 - 1
+MAX_LORAS = 4
+
+
+class LoraSpec(BaseModel):
+    """One adapter of a request: `path` is a local .safetensors file, an http(s) URL, or a hub id (owner/repo or
+    owner/repo/file.safetensors). Resolved (fetched, hashed) by engine/lora.py."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1, max_length=4096)
+    scale: float = Field(default=1.0, ge=-4.0, le=4.0, allow_inf_nan=False)
 
 
 class GenerateRequest(BaseModel):
