@@ -15,8 +15,8 @@ fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 from starlette.websockets import WebSocketDisconnect  # noqa: E402
 
-from engine.errors import InvalidRequestError  # noqa: E402
-from engine.server.tokens import TokenError, TokenSigner, app_alias, parse_token_request  # noqa: E402
+from engine.errors import InvalidRequestError, UnauthorizedError  # noqa: E402
+from engine.server.tokens import TokenSigner, app_alias, parse_token_request  # noqa: E402
 
 
 class Clock:
@@ -32,14 +32,14 @@ def test_tokens_expire_are_scoped_and_cannot_be_forged():
     signer = TokenSigner("server-key", clock=clock)
     token, claims = signer.issue("realtime", ["fast-lightning-sdxl"], ttl_s=120)
     assert signer.verify(token, "realtime", "fal-ai/fast-lightning-sdxl").token_id == claims.token_id
-    with pytest.raises(TokenError, match="not valid for fal-ai/flux/schnell"):
+    with pytest.raises(UnauthorizedError, match="not valid for fal-ai/flux/schnell"):
         signer.verify(token, "realtime", "fal-ai/flux/schnell")
-    with pytest.raises(TokenError, match="not valid for storage"):
+    with pytest.raises(UnauthorizedError, match="not valid for storage"):
         signer.verify(token, "storage")
-    with pytest.raises(TokenError, match="invalid"):
+    with pytest.raises(UnauthorizedError, match="invalid"):
         TokenSigner("other-key", clock=clock).verify(token, "realtime", "fal-ai/fast-lightning-sdxl")
     header, payload, sig = token.split(".")
-    with pytest.raises(TokenError, match="invalid"):  # a payload edited to widen the scope
+    with pytest.raises(UnauthorizedError, match="invalid"):  # a payload edited to widen the scope
         import base64
 
         widened = base64.urlsafe_b64encode(json.dumps({"scope": "realtime", "apps": ["flux"], "iat": 0,
@@ -48,7 +48,7 @@ def test_tokens_expire_are_scoped_and_cannot_be_forged():
     clock.now += 119
     signer.verify(token, "realtime", "fal-ai/fast-lightning-sdxl")
     clock.now += 2
-    with pytest.raises(TokenError, match="expired"):
+    with pytest.raises(UnauthorizedError, match="expired"):
         signer.verify(token, "realtime", "fal-ai/fast-lightning-sdxl")
     assert app_alias("fal-ai/flux/schnell") == "flux"
     assert signer.issue("realtime", ["fal-ai/flux/schnell"])[1].allows("fal-ai/flux/schnell")

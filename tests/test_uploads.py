@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from engine import net
-from engine.runtime.files import FileStore, UnsupportedUploadError, UploadTooLargeError
+from engine.errors import PayloadTooLargeError, UnsupportedMediaTypeError
+from engine.runtime.files import FileStore
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -30,13 +31,13 @@ def leftovers(store: FileStore) -> list[str]:
 
 def test_writer_caps_while_streaming_and_keeps_nothing(tmp_path):
     store = FileStore(tmp_path, max_upload_bytes=1000)
-    with pytest.raises(UploadTooLargeError):
+    with pytest.raises(PayloadTooLargeError):
         store.begin_upload(store.new_upload_id(), declared_size=1001)  # refused before a byte is read
     assert leftovers(store) == []
     writer = store.begin_upload(store.new_upload_id())
     data = png_bytes() + b"\0" * 2000
     writer.write(data[:600])
-    with pytest.raises(UploadTooLargeError):
+    with pytest.raises(PayloadTooLargeError):
         writer.write(data[600:1200])  # the chunk that would pass the cap is not written
     assert leftovers(store) == []  # the part file is gone: nothing of the upload is kept
     store.close()
@@ -45,7 +46,7 @@ def test_writer_caps_while_streaming_and_keeps_nothing(tmp_path):
 def test_writer_sniffs_content_not_the_declared_type(tmp_path):
     store = FileStore(tmp_path)
     writer = store.begin_upload(store.new_upload_id())
-    with pytest.raises(UnsupportedUploadError):
+    with pytest.raises(UnsupportedMediaTypeError):
         writer.write(b"<html><script>alert(1)</script></html>" * 4)
     assert leftovers(store) == []
     uid = store.new_upload_id()
@@ -70,7 +71,7 @@ def test_total_cap_and_expiry_and_lifecycle(tmp_path):
         ids.append(uid)
     w = store.begin_upload(store.new_upload_id())
     w.write(png_bytes())
-    with pytest.raises(UploadTooLargeError):
+    with pytest.raises(PayloadTooLargeError):
         w.finish()  # all uploads together would pass the total cap
     short = store.new_upload_id()
     w = FileStore(tmp_path / "b", ttl_s=60).begin_upload(short, ttl_s=0.3)  # at least 1 s
@@ -98,7 +99,7 @@ def test_multipart_joins_parts_in_order(tmp_path):
     assert stored.path.read_bytes() == data and leftovers(store) == [stored.path.name]
     big = store.begin_multipart(store.new_upload_id())
     big.write_part(1, [data])
-    with pytest.raises(UploadTooLargeError):
+    with pytest.raises(PayloadTooLargeError):
         big.write_part(2, [b"\0" * 10])  # the parts together pass the per-file cap
     big.abort()
     assert leftovers(store) == [stored.path.name]

@@ -35,7 +35,7 @@ from typing import Any, Iterable, Literal
 
 from PIL import Image
 
-from ..errors import EngineError
+from ..errors import PayloadTooLargeError, UnsupportedMediaTypeError
 from .queue import note_file
 
 log = logging.getLogger(__name__)
@@ -49,20 +49,6 @@ _UPLOAD_FILE = re.compile(r"^([A-Za-z0-9_-]{24,64})\.(jpeg|png|webp|gif|bmp|tiff
 SNIFF_BYTES = 16
 DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_UPLOADS_BYTES = 1 << 30
-
-
-class UploadTooLargeError(EngineError):
-    """An upload (or all uploads together) would pass the server's cap; nothing of it is kept."""
-
-    error_type = "payload_too_large"
-    http_status = 413
-
-
-class UnsupportedUploadError(EngineError):
-    """The uploaded bytes are not an image format the engine reads (sniffed from the content, not the header)."""
-
-    error_type = "unsupported_media_type"
-    http_status = 415
 
 
 def sniff_extension(head: bytes) -> str | None:
@@ -213,10 +199,10 @@ class FileStore:
 
     def _check_upload_size(self, size: int, in_flight: int = 0) -> None:
         if size > self.max_upload_bytes:
-            raise UploadTooLargeError(f"upload of {size} bytes is over this server's limit of "
+            raise PayloadTooLargeError(f"upload of {size} bytes is over this server's limit of "
                                       f"{self.max_upload_bytes} bytes per file")
         if self.uploads_size() - in_flight + size > self.max_uploads_bytes:
-            raise UploadTooLargeError(f"uploads on this server would pass {self.max_uploads_bytes} bytes in all; "
+            raise PayloadTooLargeError(f"uploads on this server would pass {self.max_uploads_bytes} bytes in all; "
                                       "try again when older uploads have expired")
 
     def read_local(self, url: str, own_bases: Iterable[str]) -> bytes | None:
@@ -335,7 +321,7 @@ class UploadWriter:
             return
         try:
             if self.size + len(chunk) > self.store.max_upload_bytes:
-                raise UploadTooLargeError(f"upload is over this server's limit of {self.store.max_upload_bytes} "
+                raise PayloadTooLargeError(f"upload is over this server's limit of {self.store.max_upload_bytes} "
                                           "bytes per file")
             if self.extension is None:
                 self._head = (self._head + chunk)[:SNIFF_BYTES]
@@ -350,7 +336,7 @@ class UploadWriter:
     def _sniff(self) -> None:
         self.extension = sniff_extension(self._head)
         if self.extension is None:
-            raise UnsupportedUploadError(f"the upload is not an image this server reads (it starts with "
+            raise UnsupportedMediaTypeError(f"the upload is not an image this server reads (it starts with "
                                          f"{self._head[:8].hex(' ') or 'nothing'}); accepted: PNG, JPEG, WEBP, GIF, "
                                          "BMP, TIFF")
 
@@ -407,9 +393,9 @@ class MultipartWriter:
     def _reserve(self, n: int) -> None:
         with self._lock:
             if self.closed:
-                raise UnsupportedUploadError("this multipart upload is already completed or aborted")
+                raise UnsupportedMediaTypeError("this multipart upload is already completed or aborted")
             if self._reserved + n > self.store.max_upload_bytes:
-                raise UploadTooLargeError(f"upload is over this server's limit of {self.store.max_upload_bytes} "
+                raise PayloadTooLargeError(f"upload is over this server's limit of {self.store.max_upload_bytes} "
                                           "bytes per file")
             self._reserved += n
 
@@ -418,7 +404,7 @@ class MultipartWriter:
         import hashlib
 
         if not 1 <= number <= MAX_PARTS:
-            raise UnsupportedUploadError(f"part number {number} is out of range 1..{MAX_PARTS}")
+            raise UnsupportedMediaTypeError(f"part number {number} is out of range 1..{MAX_PARTS}")
         fd, tmp = tempfile.mkstemp(dir=self.store.uploads_dir, prefix=".mp-")
         path, digest, size = Path(tmp), hashlib.sha256(), 0
         try:
@@ -446,14 +432,14 @@ class MultipartWriter:
         """Join the parts (`numbers` in that order; None: every part received, ascending)."""
         with self._lock:
             if self.closed:
-                raise UnsupportedUploadError("this multipart upload is already completed or aborted")
+                raise UnsupportedMediaTypeError("this multipart upload is already completed or aborted")
             self.closed = True
             order = sorted(self._parts) if numbers is None else list(numbers)
             missing = [n for n in order if n not in self._parts]
             paths = [self._parts[n] for n in order if n in self._parts]
         try:
             if missing or not paths:
-                raise UnsupportedUploadError(f"cannot complete: parts {missing or 'none'} were not received")
+                raise UnsupportedMediaTypeError(f"cannot complete: parts {missing or 'none'} were not received")
             writer = self.store.begin_upload(self.upload_id, ttl_s=self.ttl_s)
             for path in paths:
                 with open(path, "rb") as f:

@@ -30,8 +30,8 @@ from typing import Any, Callable
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from ..errors import EngineError, JobCancelledError
-from .tokens import TokenError, TokenSigner
+from ..errors import EngineError, JobCancelledError, UnauthorizedError
+from .tokens import TokenSigner
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def _authorize(websocket: WebSocket, app_id: str, config: RealtimeConfig) -> Non
         config.signer.verify(token, "realtime", app_id)
         return
     if config.requires_auth and not config.key_ok(websocket.headers.get("authorization")):
-        raise TokenError("missing or wrong credentials: pass ?fal_jwt_token= (POST /tokens/) or "
+        raise UnauthorizedError("missing or wrong credentials: pass ?fal_jwt_token= (POST /tokens/) or "
                          "`Authorization: Key <key>`")
 
 
@@ -146,7 +146,7 @@ async def serve_realtime(websocket: WebSocket, app_path: str, config: RealtimeCo
         buffering = int(raw) if raw else 1
         if not MAX_BUFFERING[0] <= buffering <= MAX_BUFFERING[1]:
             raise ValueError
-    except TokenError as e:
+    except UnauthorizedError as e:
         await _refuse(websocket, UNAUTHORIZED, str(e))
         return
     except EngineError as e:

@@ -34,19 +34,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import EngineError, InvalidRequestError
+from ..errors import InvalidRequestError, TooManyUploadsError, UnauthorizedError, UploadNotFoundError
 from ..runtime.files import FileStore, MultipartWriter, UploadWriter
-from .tokens import TokenError, TokenSigner
+from .tokens import TokenSigner
 
 SLOT_TTL_S = 900.0
 STORAGE_TOKEN_TTL_S = 3600.0
 MAX_SLOTS = 10_000
 MAX_NAME = 1024
-
-
-class UploadNotFoundError(EngineError, LookupError):
-    error_type = "upload_not_found"
-    http_status = 404
 
 
 @dataclass
@@ -75,7 +70,7 @@ class Slots:
                 if stale.multipart is not None:
                     stale.multipart.abort()
             if len(self._slots) >= MAX_SLOTS:
-                raise UploadLimitError(f"more than {MAX_SLOTS} uploads are open; try again later")
+                raise TooManyUploadsError(f"more than {MAX_SLOTS} uploads are open; try again later")
             slot_id = slot_id or secrets.token_urlsafe(24)
             self._slots[slot_id] = _Slot(upload_id, ttl_s, now + self.ttl_s, multipart)
             return slot_id
@@ -99,11 +94,6 @@ class Slots:
     def close(self, slot_id: str) -> None:
         with self._lock:
             self._slots.pop(slot_id, None)
-
-
-class UploadLimitError(EngineError):
-    error_type = "too_many_uploads"
-    http_status = 429
 
 
 def lifecycle_ttl(request: Request) -> float | None:
@@ -180,7 +170,7 @@ def add_storage_routes(app: FastAPI, files: FileStore, signer: TokenSigner, auth
             signer.verify(value.strip(), "storage")
             return
         if requires_auth and not key_ok(header or None):
-            raise TokenError("missing or wrong credentials (`Authorization: Key <key>` or a storage token)")
+            raise UnauthorizedError("missing or wrong credentials (`Authorization: Key <key>` or a storage token)")
 
     # -- JS client, and the Python client's fallback repository ----------------------------------------------------
     @app.post("/storage/upload/initiate", dependencies=auth, tags=["storage"],

@@ -18,19 +18,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from ..errors import EngineError, InvalidRequestError
+from ..errors import InvalidRequestError, UnauthorizedError
 
 MIN_TTL_S = 1
 MAX_TTL_S = 3600
 DEFAULT_TTL_S = 120  # fal's clients ask for 120 s
 MAX_APPS = 32
-
-
-class TokenError(EngineError):
-    """A token that is malformed, forged, expired or not valid for what it is used for."""
-
-    error_type = "unauthorized"
-    http_status = 401
 
 
 def _b64(data: bytes) -> str:
@@ -84,7 +77,7 @@ class TokenSigner:
         return f"{signing_input}.{signature}", claims
 
     def verify(self, token: str, scope: str, app_id: str | None = None) -> Claims:
-        """The token's claims, or `TokenError` saying what is wrong (never which part of a forged token was)."""
+        """The token's claims, or `UnauthorizedError` (401) saying what is wrong (never which part of a forged token was)."""
         try:
             header_b64, payload_b64, signature_b64 = token.split(".")
             signing_input = f"{header_b64}.{payload_b64}".encode("ascii")
@@ -97,13 +90,13 @@ class TokenSigner:
             claims = Claims(str(payload["scope"]), tuple(str(a) for a in payload["apps"]), float(payload["iat"]),
                             float(payload["exp"]), str(payload["jti"]))
         except (ValueError, KeyError, TypeError, UnicodeError, AttributeError):
-            raise TokenError("invalid token") from None
+            raise UnauthorizedError("invalid token") from None
         if claims.scope != scope:
-            raise TokenError(f"this token is not valid for {scope}")
+            raise UnauthorizedError(f"this token is not valid for {scope}")
         if self._clock() >= claims.expires_at:
-            raise TokenError("token expired")
+            raise UnauthorizedError("token expired")
         if app_id is not None and not claims.allows(app_id):
-            raise TokenError(f"this token is not valid for {app_id}")
+            raise UnauthorizedError(f"this token is not valid for {app_id}")
         return claims
 
 
