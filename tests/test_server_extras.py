@@ -392,6 +392,6 @@ def test_proxy_path_maps_only_fals_hosts(server):
     r = server.http.post(f"{BASE}/fal/proxy", json={"prompt": "x", **SMALL},
                          headers={"x-fal-target-url": "https://fal.run/fal-ai/fast-sdxl"})
     assert r.status_code == 200 and r.json()["images"][0]["width"] == 64
-    for target in ("https://example.com/fal-ai/fast-sdxl", "http://fal.run/fal-ai/fast-sdxl", ""):
+    for target in ("https://example.com/fal-ai/fast-sdxl", "http://fal.run/fal-ai/fast-sdxl", "", "https://[::1"):
         r = server.http.post(f"{BASE}/fal/proxy", json={}, headers={"x-fal-target-url": target})
         assert r.status_code == 400, target

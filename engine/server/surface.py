@@ -56,8 +56,11 @@ class FalProxyPath:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == PROXY_PATH:
             headers = dict(scope.get("headers") or [])
-            target = urllib.parse.urlsplit(headers.get(b"x-fal-target-url", b"").decode("latin-1"))
-            prefix = FAL_HOSTS.get((target.hostname or "").lower()) if target.scheme == "https" else None
+            try:
+                target = urllib.parse.urlsplit(headers.get(b"x-fal-target-url", b"").decode("latin-1"))
+                prefix = FAL_HOSTS.get((target.hostname or "").lower()) if target.scheme == "https" else None
+            except ValueError:  # e.g. a broken IPv6 literal
+                prefix = None
             if prefix is None:
                 response = JSONResponse({"detail": "x-fal-target-url must be an https URL on fal.run, queue.fal.run "
                                                    "or rest.fal.ai", "error_type": "invalid_request"}, 400)
