@@ -327,13 +327,21 @@ def test_openai_edit_image_to_image_and_inpainting(server, oai):
             oai.images.edit(model="fal-ai/fast-sdxl", image=("in.png", png_bytes((64, 64))), prompt="x")
         assert info.value.status_code == 501
         pytest.skip("image-to-image is not in this engine build (Engine.generate has no `image`)")
-    source = png_bytes((64, 48), (200, 30, 30))
+    source = png_bytes((100, 70), (200, 30, 30))
     out = oai.images.edit(model="fal-ai/fast-sdxl", image=("in.png", source, "image/png"), prompt="a red barn",
                           response_format="b64_json", extra_body={"num_inference_steps": 2, "seed": 3,
                                                                   "strength": 0.5})
-    assert Image.open(io.BytesIO(base64.b64decode(out.data[0].b64_json))).size == (64, 48)  # the input's size
+    # no size: the input's, rounded down to SDXL's multiple of 8
+    assert Image.open(io.BytesIO(base64.b64decode(out.data[0].b64_json))).size == (96, 64)
+    def edited(color):
+        out = oai.images.edit(model="fal-ai/fast-sdxl", image=("in.png", png_bytes((64, 64), color), "image/png"),
+                              prompt="same", response_format="b64_json",
+                              extra_body={"num_inference_steps": 2, "seed": 3, "strength": 0.5})
+        return base64.b64decode(out.data[0].b64_json)
+
+    assert edited((255, 0, 0)) != edited((0, 0, 255))  # same seed and prompt: the input image decides
     mask = io.BytesIO()
-    Image.new("L", (64, 48), 255).save(mask, format="PNG")
+    Image.new("L", (100, 70), 255).save(mask, format="PNG")
     out = oai.images.edit(model="tiny-sd15", image=("in.png", source, "image/png"),
                           mask=("mask.png", mask.getvalue(), "image/png"), prompt="a barn", n=2, size="64x64",
                           extra_body={"num_inference_steps": 2, "seed": 3})
