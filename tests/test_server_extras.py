@@ -5,14 +5,16 @@ receiver on loopback, signature checked) and the OpenAI images API (the official
 
 How the official Python client is pointed at the server, as a user would: the run/queue hosts by FAL_RUN_HOST /
 FAL_QUEUE_RUN_HOST, read once at import, and the REST/CDN hosts (uploads, realtime tokens), which are constants in
-`fal_client.client`, by setting those constants. Since another test module may have imported fal_client first with
-other hosts, the fixture sets all five constants (the same values the variables would give) for this module only.
+`fal_client.client`, by setting those constants. The fixture imports fal_client only when it runs (test_server.py
+must import it first, after setting the variables, whatever the order) and sets all five constants (the values the
+variables would give) for this module only.
 A second way needs no constant at all: a client whose httpx transport sends rest.fal.ai to the server
 (`test_upload_through_a_mounted_transport`).
 """
 
 import base64
 import hashlib
+import importlib.util
 import http.server
 import io
 import json
@@ -27,7 +29,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-fal_client = pytest.importorskip("fal_client")
+if importlib.util.find_spec("fal_client") is None:
+    pytest.skip("fal-client is not installed", allow_module_level=True)
 trustme = pytest.importorskip("trustme")
 httpx = pytest.importorskip("httpx")
 httpx_sse = pytest.importorskip("httpx_sse")
@@ -80,6 +83,8 @@ def server(tmp_path_factory):
             "--max-upload-bytes", str(MAX_UPLOAD), "--webhook-attempts", "3"]
     for app, model in ENDPOINTS.items():
         args += ["--endpoint", f"{app}={model}"]
+    import fal_client
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SSL_CERT_FILE", str(ca_file))
         proc = start_server(args, tmp / "server.log", f"{BASE}/health")
@@ -92,7 +97,7 @@ def server(tmp_path_factory):
         http = httpx.Client(verify=ssl.create_default_context(cafile=str(ca_file)), timeout=60,
                             headers={"Authorization": f"Key {API_KEY}"})
         try:
-            yield type("S", (), {"proc": proc, "http": http, "ca_file": ca_file, "log": tmp / "server.log",
+            yield type("S", (), {"fal": fal_client, "proc": proc, "http": http, "ca_file": ca_file, "log": tmp / "server.log",
                                  "client": fal_client.SyncClient(key=API_KEY)})
         finally:
             http.close()
@@ -136,6 +141,7 @@ def test_upload_through_a_mounted_transport(server, monkeypatch, tmp_path):
     """No constant changed: a client whose transport routes rest.fal.ai, using the storage repository ("fal")."""
     from functools import cached_property
 
+    fal_client = server.fal
     monkeypatch.setattr(fal_client.client, "REST_URL", "https://rest.fal.ai")
     verify = ssl.create_default_context(cafile=str(server.ca_file))
 
@@ -223,7 +229,7 @@ def test_realtime_with_key_header_several_frames(server):
             assert out["request_id"] == f"r{i}" and out["seed"] == i
             assert decode_url(out["images"][0]["url"], server.http).size == (64, 64)  # inline: a data URI
         conn.send({"prompt": "bad", "num_inference_steps": "3"})
-        with pytest.raises(fal_client.client.RealtimeError) as info:
+        with pytest.raises(server.fal.client.RealtimeError) as info:
             conn.recv()
         assert info.value.error == "INVALID_REQUEST"
         conn.send({"prompt": "after an error", "image_size": {"width": 64, "height": 64},
