@@ -50,6 +50,7 @@ class ModelSpec:
     subfolder: str | None = None
     weight_name: str | None = None
     image_encoder_folder: str | None = None
+    tile_controlnet: str | None = None  # registry id of the tile ControlNet this model pairs with (creative upscale)
 
     @property
     def family_spec(self) -> FamilySpec:
@@ -123,6 +124,7 @@ def _parse(model_id: str, raw: dict[str, Any]) -> ModelSpec:
         subfolder=raw.get("subfolder"),
         weight_name=raw.get("weight_name"),
         image_encoder_folder=raw.get("image_encoder_folder"),
+        tile_controlnet=raw.get("tile_controlnet"),
     )
 
 
@@ -134,6 +136,10 @@ def _load_table(path: str) -> dict[str, ModelSpec]:
     for spec in table.values():
         if spec.base is not None and (spec.base not in table or table[spec.base].family != spec.family):
             raise ValueError(f"models.yaml: {spec.id} has base {spec.base!r}, not a registered {spec.family} model")
+        tile = table.get(spec.tile_controlnet or "")
+        if spec.tile_controlnet is not None and (tile is None or tile.kind != "controlnet" or tile.family != spec.family):
+            raise ValueError(f"models.yaml: {spec.id} has tile_controlnet {spec.tile_controlnet!r}, not a registered "
+                             f"{spec.family} ControlNet")
     return table
 
 

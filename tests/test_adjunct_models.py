@@ -213,3 +213,19 @@ def test_ip_adapter_refuses_another_family_and_untrusted_paths():
     sdxl = resolve_ip_adapter("tiny-ip-adapter-sdxl", family="sdxl")
     with pytest.raises(InvalidRequestError):
         check_ip_adapter_fits(sdxl, load_model("tiny-sd15").components["unet"])
+
+
+def test_hub_id_of_a_registered_controlnet_gets_its_family_check():
+    """fal's `path` names a hub repository; one the registry knows is checked against its family before any
+    download (this test runs offline)."""
+    with as_caller(UNTRUSTED), pytest.raises(InvalidRequestError) as err:
+        load_controlnet("InstantX/FLUX.1-dev-Controlnet-Canny", family="sdxl", field="controlnets[0].path")
+    assert err.value.field == "controlnets[0].path" and "flux" in str(err.value)
+
+
+def test_models_name_a_tile_controlnet_of_their_family():
+    for spec in registry().values():
+        if spec.tile_controlnet:
+            tile = find_adjunct("controlnet", spec.tile_controlnet)
+            assert tile is not None and tile.family == spec.family
+    assert get_spec("tiny-sd15").tile_controlnet == "tiny-controlnet-sd15"

@@ -33,7 +33,7 @@ def resolve_adjunct(name: str, kind: str, field: str, policy: CallerPolicy | Non
     """How `name` is reached for the current caller, or a 422 naming `field`. Touches the disk only for trusted
     callers' paths, so what an untrusted caller is told depends on the name alone."""
     policy = policy or caller_policy()
-    spec = find_adjunct(kind, name)
+    spec = find_adjunct(kind, name) or _by_source(kind, name)
     if not policy.trusted and name not in policy.pinned and name not in policy.allow_models:
         if policy.allow_models:
             raise RefusedSourceError(field, "this server serves only the models it allows",
@@ -56,6 +56,16 @@ def resolve_adjunct(name: str, kind: str, field: str, policy: CallerPolicy | Non
         return AdjunctSource(name, None, "hub", hub_id=name)
     raise RefusedSourceError(field, f"not a registered {KIND_NAMES[kind]} id, an existing path, or a hub id "
                              "(owner/name)", ", ".join(sorted(adjuncts(kind))))
+
+
+def _by_source(kind: str, name: str) -> ModelSpec | None:
+    """A hub id that a registry entry of `kind` points at (fal's `path` fields name hub repositories) is that entry,
+    so it gets the entry's family check and layout. Only when the entry needs nothing else (IP-Adapters also need a
+    subfolder and weight name: one repository holds several)."""
+    if not is_hub_id(name):
+        return None
+    matches = [s for s in adjuncts(kind).values() if s.source == name]
+    return matches[0] if len(matches) == 1 else None
 
 
 def hub_snapshot(repo_id: str, patterns: list[str], field: str, policy: CallerPolicy | None = None) -> Path:
