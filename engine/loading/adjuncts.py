@@ -33,7 +33,7 @@ def resolve_adjunct(name: str, kind: str, field: str, policy: CallerPolicy | Non
     """How `name` is reached for the current caller, or a 422 naming `field`. Touches the disk only for trusted
     callers' paths, so what an untrusted caller is told depends on the name alone."""
     policy = policy or caller_policy()
-    spec = find_adjunct(kind, name) or _by_source(kind, name)
+    spec = find_adjunct_spec(kind, name)
     if not policy.trusted and name not in policy.pinned and name not in policy.allow_models:
         if policy.allow_models:
             raise RefusedSourceError(field, "this server serves only the models it allows",
@@ -56,6 +56,12 @@ def resolve_adjunct(name: str, kind: str, field: str, policy: CallerPolicy | Non
         return AdjunctSource(name, None, "hub", hub_id=name)
     raise RefusedSourceError(field, f"not a registered {KIND_NAMES[kind]} id, an existing path, or a hub id "
                              "(owner/name)", ", ".join(sorted(adjuncts(kind))))
+
+
+def find_adjunct_spec(kind: str, name: str) -> ModelSpec | None:
+    """The registry entry `name` means: its id, or the hub repository a single entry of `kind` points at. Reads no
+    disk and no network, so a request can be checked against it before it is queued."""
+    return find_adjunct(kind, name) or _by_source(kind, name)
 
 
 def _by_source(kind: str, name: str) -> ModelSpec | None:
