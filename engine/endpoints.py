@@ -12,30 +12,22 @@ fabricated `false`) and `safety_checker` explains why.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import importlib
-import importlib.util
-import inspect
-import io
-import ipaddress
 import os
-import re
-import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
-from urllib.parse import urlsplit
 
 import yaml
 from PIL import Image
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import EngineError, InvalidRequestError
+from .errors import AppNotFoundError, EndpointUnavailableError, EngineError, InvalidRequestError
+from .images import DEFAULT_MAX_PIXELS, load_image_input
 from .models.previews import preview_image
 from .paths import configs_dir
 from .registry import find_spec, registry
 from .requests import MAX_SEED, GenerateRequest, invalid_from_validation, parse_request
 from .runtime.files import FileStore, data_uri, encode_image
+from .sources import is_hub_id, parse_hub_ref
 
 if TYPE_CHECKING:
     from .api import Engine
@@ -53,25 +45,8 @@ ImageSizeName = Literal["square_hd", "square", "portrait_4_3", "portrait_16_9", 
 ImageFormat = Literal["jpeg", "png"]
 SAFETY_NOTE = {"ran": False, "detail": "no safety checker is configured on this server; has_nsfw_concepts is null "
                                         "because nothing was checked"}
-MAX_INPUT_PIXELS = 4096 * 4096
 MAX_INPUT_BYTES = 32 * 1024 * 1024
 INPUT_TIMEOUT_S = 20.0
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-_HUB_FILE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(/.*)?")
-
-
-class AppNotFoundError(EngineError, LookupError):
-    """The path names no app id this engine serves."""
-
-    error_type = "app_not_found"
-    http_status = 404
-
-
-class EndpointUnavailableError(EngineError):
-    """The app id is known but this build cannot serve it yet (a missing engine feature)."""
-
-    error_type = "not_implemented"
-    http_status = 501
 
 
 # -- schemas ----------------------------------------------------------------------------------------------------
@@ -287,7 +262,7 @@ def _model_for_request(spec: EndpointSpec, args: BaseModel, table: EndpointTable
     if name is None:
         if not pinned:
             raise EndpointUnavailableError(f"{spec.app_id}: no model configured (use --endpoint {spec.app_id}=MODEL)")
-        if find_spec(pinned) is None and not _HUB_ID.fullmatch(pinned) and not os.path.exists(pinned):
+        if find_spec(pinned) is None and not is_hub_id(pinned) and not os.path.exists(pinned):
             raise EndpointUnavailableError(f"{spec.app_id} is mapped to {pinned!r}, which is not a registered model; "
                                            f"map it with --endpoint {spec.app_id}=MODEL")
         return pinned, []
@@ -298,7 +273,7 @@ def _model_for_request(spec: EndpointSpec, args: BaseModel, table: EndpointTable
     by_source = next((s.id for s in registry().values() if s.source == name), None)
     if by_source is not None:
         return by_source, []
-    if trusted or _HUB_ID.fullmatch(name) and ".." not in name:
+    if trusted or is_hub_id(name):
         return name, []
     raise InvalidRequestError("model_name", "must be a registry id or a hub repository id (owner/name)",
                               "ids from `engine models`, owner/name")
@@ -308,10 +283,8 @@ def _lora_list(args: BaseModel, trusted: bool) -> list[dict[str, Any]]:
     loras: list[LoraWeight] = getattr(args, "loras", [])
     if not loras:
         return []
-    if "loras" not in GenerateRequest.model_fields:
-        raise InvalidRequestError("loras", "LoRAs are not supported by this engine yet", "[]")
     for i, lora in enumerate(loras):
-        remote = lora.path.startswith(("http://", "https://")) or _HUB_FILE.fullmatch(lora.path)
+        remote = lora.path.startswith(("http://", "https://")) or parse_hub_ref(lora.path) is not None
         if not trusted and (not remote or ".." in lora.path):
             raise InvalidRequestError(f"loras.{i}.path", "must be an http(s) URL or a hub id", "URL, owner/name[/file]")
     return [lora.model_dump() for lora in loras]
@@ -387,8 +360,6 @@ def _renamed(e: InvalidRequestError, renames: Mapping[str, str]) -> InvalidReque
 
 def _prepare_upscale(spec: EndpointSpec, args: AuraSRInput, engine: "Engine", table: EndpointTable,
                      allow_private_urls: bool, trusted: bool) -> PreparedCall:
-    if not callable(getattr(engine, "upscale", None)):
-        raise EndpointUnavailableError(f"{spec.app_id}: this engine build has no upscaler (Engine.upscale) yet")
     model = table.model_for(spec.app_id, args.checkpoint)  # spec.variant_field
     if not model:
         raise EndpointUnavailableError(f"{spec.app_id}: no model configured for checkpoint {args.checkpoint!r}")
@@ -397,8 +368,7 @@ def _prepare_upscale(spec: EndpointSpec, args: AuraSRInput, engine: "Engine", ta
 
     def execute(engine: "Engine", ctx: "JobContext") -> Any:
         ctx.log(f"upscaling {image.width}x{image.height} x4 with {model}")
-        upscale = getattr(engine, "upscale")  # noqa: B009 - not on Engine until the AuraSR work lands
-        return upscale(image=image, model=model, upscale_factor=4, overlapping_tiles=overlapping, seed=seed)
+        return engine.upscale(image=image, model=model, upscale_factor=4, overlapping_tiles=overlapping, seed=seed)
 
     def render(result: Any, store: FileStore, base_url: str | None) -> dict[str, Any]:
         timings = dict(getattr(result, "timings", {}) or {})
@@ -415,19 +385,12 @@ def _prepare_upscale(spec: EndpointSpec, args: AuraSRInput, engine: "Engine", ta
 def load_image_argument(value: str, *, allow_private_urls: bool, trusted: bool = False,
                         field_name: str = "image_url") -> Image.Image:
     """A data URI or http(s) URL (and, for `trusted` callers only, a local path) as a PIL image, through
-    `engine.images` (SSRF-safe fetching) when it is present. Every refusal is an `InvalidRequestError` on
+    `engine.images` (the one SSRF guard, engine/net.py, fetches URLs). Every refusal is an `InvalidRequestError` on
     `field_name` (422)."""
-    loader: Callable[..., Image.Image] = _fallback_load_image
-    options: dict[str, Any] = {}
-    if importlib.util.find_spec("engine.images") is not None:
-        loader = importlib.import_module("engine.images").load_image_input
-        accepted = inspect.signature(loader).parameters
-        options = {k: v for k, v in (("allow_local_paths", trusted), ("field", field_name)) if k in accepted}
-        if not trusted and "allow_local_paths" not in accepted and "://" not in value and not value.startswith("data:"):
-            raise InvalidRequestError(field_name, "local paths are not accepted here", "http(s) URL or data URI")
     try:
-        return loader(value, max_pixels=MAX_INPUT_PIXELS, max_bytes=MAX_INPUT_BYTES,
-                      allow_private_urls=allow_private_urls, timeout_s=INPUT_TIMEOUT_S, **options)
+        return load_image_input(value, max_pixels=DEFAULT_MAX_PIXELS, max_bytes=MAX_INPUT_BYTES,
+                                allow_private_urls=allow_private_urls, timeout_s=INPUT_TIMEOUT_S,
+                                allow_local_paths=trusted, field=field_name)
     except InvalidRequestError as e:
         if e.field == field_name:
             raise
@@ -436,54 +399,3 @@ def load_image_argument(value: str, *, allow_private_urls: bool, trusted: bool =
         raise
     except (ValueError, OSError) as e:
         raise InvalidRequestError(field_name, str(e)) from None
-
-
-def _fallback_load_image(value: str, *, max_pixels: int, max_bytes: int, allow_private_urls: bool,
-                         timeout_s: float) -> Image.Image:
-    """Until `engine.images` lands: data URIs decode here; http(s) URLs get the address check (so private, loopback
-    and link-local targets are refused exactly as they will be) and are then refused, since nothing here fetches."""
-    if value.startswith("data:"):
-        header, sep, payload = value.partition(",")
-        if not sep or ";base64" not in header:
-            raise InvalidRequestError("image_url", "data URIs must be base64 encoded")
-        if len(payload) > max_bytes * 4 // 3 + 4:
-            raise InvalidRequestError("image_url", f"image larger than {max_bytes} bytes")
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise InvalidRequestError("image_url", "data URI payload is not valid base64") from None
-        return _decode_image(data, max_pixels)
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidRequestError("image_url", f"unsupported URL scheme {parts.scheme or '(none)'!r}",
-                                  "data URI, http(s) URL")
-    if not allow_private_urls:
-        check_public_host(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), "image_url")
-    raise InvalidRequestError("image_url", "this build cannot fetch URLs yet (engine.images is missing); "
-                                           "pass a data URI", "data URI")
-
-
-def _decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    try:
-        image = Image.open(io.BytesIO(data))
-        if image.width * image.height > max_pixels:
-            raise InvalidRequestError("image_url", f"{image.width}x{image.height} exceeds {max_pixels} pixels")
-        image.load()
-    except InvalidRequestError:
-        raise
-    except Exception as e:  # PIL raises many types for undecodable input
-        raise InvalidRequestError("image_url", f"not a decodable image ({type(e).__name__})") from None
-    return image
-
-
-def check_public_host(host: str, port: int, field_name: str) -> None:
-    """Refuse hosts that resolve to private, loopback, link-local, multicast or reserved addresses (SSRF)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as e:
-        raise InvalidRequestError(field_name, f"cannot resolve host {host!r} ({e.strerror or e})") from None
-    for info in infos:
-        address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
-        if not address.is_global or address.is_multicast:
-            raise InvalidRequestError(field_name, f"refused: {host!r} resolves to a non-public address ({address}); "
-                                                  "the server does not fetch private, loopback or link-local URLs")

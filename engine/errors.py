@@ -104,3 +104,79 @@ class RefusedSourceError(InvalidRequestError):
     not download). The text depends only on what was named, never on what exists on the server's disk."""
 
     error_type = "refused_source"
+
+
+# -- the fal protocol: app ids, request ids, the server ------------------------------------------------------------
+class AppNotFoundError(EngineError, LookupError):
+    """The path names no app id this engine serves."""
+
+    error_type = "app_not_found"
+    http_status = 404
+
+
+class EndpointUnavailableError(EngineError):
+    """The app id is known but no usable model is configured for it (a missing or wrong endpoint mapping)."""
+
+    error_type = "not_implemented"
+    http_status = 501
+
+
+class RequestNotFoundError(EngineError, LookupError):
+    """No request with this id (never submitted, or its result expired)."""
+
+    error_type = "request_not_found"
+    http_status = 404
+
+
+class PayloadTooLargeError(EngineError):
+    """An HTTP request body over the server's limit."""
+
+    error_type = "payload_too_large"
+    http_status = 413
+
+
+class UnauthorizedError(EngineError):
+    """A missing or wrong API key."""
+
+    error_type = "unauthorized"
+    http_status = 401
+
+
+# -- the job queue and its durable store ---------------------------------------------------------------------------
+class JobTimeoutError(EngineError):
+    """The job ran (or waited) past its deadline."""
+
+    error_type = "request_timeout"
+    http_status = 504
+
+
+class JobInterruptedError(EngineError):
+    """The server stopped while the job ran (or, unresumable, while it waited): submit it again."""
+
+    error_type = "interrupted"
+    http_status = 503
+
+
+class RestoredJobError(EngineError):
+    """A finished job's error as read back from the job store: same message, `error_type`, status and body."""
+
+    def __init__(self, stored: dict[str, Any]):
+        super().__init__(stored.get("message", ""))
+        self.error_type = str(stored.get("error_type") or "internal_error")
+        self.http_status = int(stored.get("http_status") or 500)
+        self.original_type = stored.get("type")
+        self._body = stored.get("body")
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._body if isinstance(self._body, dict) else super().to_dict()
+
+
+class StateDirLockedError(EngineError):
+    """Another process serves from this state dir."""
+
+    error_type = "state_dir_locked"
+
+
+def error_type_of(error: BaseException) -> str:
+    """The `error_type` a caller sees for `error` (anything not raised on purpose is an internal error)."""
+    return error.error_type if isinstance(error, EngineError) else "internal_error"

@@ -28,7 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from . import net
 from .errors import InvalidRequestError
 
-DEFAULT_MAX_PIXELS = 16_777_216
+DEFAULT_MAX_PIXELS = 4096 * 4096  # the one input-image limit (API, upscaler, fal endpoints)
 DEFAULT_MAX_BYTES = 50_000_000
 SUPPORTED = "PNG, JPEG, WEBP, GIF, BMP, TIFF"
 ORIENTATION_TAG = 0x0112

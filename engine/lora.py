@@ -14,39 +14,26 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import InvalidRequestError, ModelLoadError, RefusedSourceError
 from .families import get_family
-from .loading import is_hub_id
 from .loading.stock import build_stock_pipeline
 from .paths import cache_dir, file_sha256
+from .requests import MAX_LORAS, LoraSpec  # noqa: F401 - re-exported: the request schema, resolved here
+from .sources import parse_hub_ref
 
 if TYPE_CHECKING:
     from .net import Download
 
 log = logging.getLogger(__name__)
 
-MAX_LORAS = 4
 MAX_LORA_BYTES = 2_000_000_000
 EMPTY = ""  # the content hash of a prepared slot that holds no LoRA yet
-HUB_FILE = re.compile(r"^([\w.-]+/[\w.-]+)(?:/(.+\.safetensors))?$")
-
-
-class LoraSpec(BaseModel):
-    """One adapter of a request: `path` is a local .safetensors file, an http(s) URL, or a hub id (owner/repo or
-    owner/repo/file.safetensors)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    path: str = Field(min_length=1, max_length=4096)
-    scale: float = Field(default=1.0, ge=-4.0, le=4.0, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)
@@ -97,8 +84,7 @@ def resolve_lora(spec: LoraSpec, index: int, *, allow_private_urls: bool = False
                            allow_private=allow_private_urls if policy.trusted else policy.allow_private_urls)
         sha, file = fetched.sha256, _keep(fetched)
     elif not policy.trusted:
-        hub = HUB_FILE.match(path)
-        if "://" in path or hub is None or ".." in path or not is_hub_id(hub.group(1)):
+        if "://" in path or _hub_lora(path) is None:
             raise RefusedSourceError(field, "must be an http(s) URL or a hub file",
                                      "URL, owner/name[/file.safetensors]")
         file = _from_hub(path, field, download=policy.allow_hub_downloads, caller_trusted=False)
@@ -109,15 +95,20 @@ def resolve_lora(spec: LoraSpec, index: int, *, allow_private_urls: bool = False
             raise InvalidRequestError(field, f"{file.name}: only .safetensors LoRA files are loaded (pickle files "
                                       "can run code)", ".safetensors")
         sha = file_sha256(file)
-    elif "://" in path or path.startswith((".", "/", "~")) or path.endswith(".safetensors") and not HUB_FILE.match(path):
+    elif "://" in path or path.startswith((".", "/", "~")) or path.endswith(".safetensors") and not _hub_lora(path):
         raise InvalidRequestError(field, f"no such file: {path}")
-    elif HUB_FILE.match(path):
+    elif _hub_lora(path):
         file = _from_hub(path, field)
         sha = file_sha256(file)
     else:
         raise InvalidRequestError(field, f"{path!r} is not a file, an http(s) URL or a hub id")
     _check_safetensors(file, field)
     return ResolvedLora(sha256=sha, file=file, scale=spec.scale)
+
+
+def _hub_lora(path: str) -> tuple[str, str | None] | None:
+    """(repo, file) of a hub LoRA reference: owner/name (its default weights file) or owner/name/file.safetensors."""
+    return parse_hub_ref(path, file_suffix=".safetensors")
 
 
 def _check_hub_file_size(repo: str, name: str, field: str) -> None:
@@ -134,9 +125,9 @@ def _check_hub_file_size(repo: str, name: str, field: str) -> None:
 def _from_hub(path: str, field: str, download: bool = True, caller_trusted: bool = True) -> Path:
     from huggingface_hub import hf_hub_download
 
-    match = HUB_FILE.match(path)
-    assert match is not None
-    repo, name = match.group(1), match.group(2) or "pytorch_lora_weights.safetensors"
+    ref = _hub_lora(path)
+    assert ref is not None
+    repo, name = ref[0], ref[1] or "pytorch_lora_weights.safetensors"
     try:
         if download and not caller_trusted:  # a remote caller's download: capped before a byte is fetched
             _check_hub_file_size(repo, name, field)

@@ -1,4 +1,5 @@
-"""The model registry: a table of typed `ModelSpec`s read from configs/models.yaml."""
+"""The model registry: a table of typed `ModelSpec`s read from configs/models.yaml. Data only: whether a model's
+weights are on this machine is the loaders' question (`engine.loading.available_offline`)."""
 
 from __future__ import annotations
 
@@ -67,30 +68,6 @@ class ModelSpec:
     @property
     def tiny_config(self) -> str | None:
         return self.source.split(":", 1)[1] if self.is_tiny else None
-
-    def available_offline(self) -> bool:
-        """Tiny models are always available; hub models when a snapshot is already in the local HF cache."""
-        if self.is_preset:
-            return get_spec(self.base or "").available_offline() and all(
-                _file_available(x) for x in (self.unet, self.lora) if x)
-        if self.is_tiny:
-            return True
-        if self.family_spec.task == "upscale":
-            from .loading.aurasr import cached_aurasr_snapshot
-
-            return cached_aurasr_snapshot(self.source) is not None
-        from .loading.pretrained import cached_snapshot
-
-        return cached_snapshot(self.source) is not None
-
-
-def _file_available(ref: str) -> bool:
-    """A preset's extra file: a local path, or a hub file already in the local cache."""
-    if Path(ref).expanduser().is_file():
-        return True
-    from .loading.hub_files import cached_hub_file
-
-    return cached_hub_file(ref) is not None
 
 
 def _parse(model_id: str, raw: dict[str, Any]) -> ModelSpec:

@@ -1,9 +1,10 @@
-"""fal's Python API, in process: `run`, `submit` (-> `RequestHandle`), `subscribe`, `stream`, and their async twins.
+"""fal's Python API, in process: `FalService(engine)` wraps an `Engine` (composition: the engine knows nothing of
+fal) with `run`, `submit` (-> `RequestHandle`), `subscribe`, `stream`, and their async twins.
 
-Code written against `fal_client` runs against a local `Engine` by swapping the module for an engine: the same call
-names, the same status objects (`Queued(position)`, `InProgress(logs)`, `Completed(logs, metrics, error,
-error_type)`), the same result JSON. Everything goes through the engine's one job queue (one per device), so the
-in-process API and the HTTP server share the device fairly and report true queue positions.
+Code written against `fal_client` runs against a local engine by swapping the module for a `FalService`: the same
+call names, the same status objects (`Queued(position)`, `InProgress(logs)`, `Completed(logs, metrics, error,
+error_type)`), the same result JSON. Everything goes through the engine's one job queue (`runtime.queue.queue_for`),
+so several services and the HTTP server share the device fairly and report true queue positions.
 """
 
 from __future__ import annotations
@@ -11,18 +12,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
-import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterator, Mapping
 
 from . import net
 from .endpoints import EndpointTable, PreparedCall, prepare
-from .errors import EngineError
+from .errors import RequestNotFoundError, error_type_of
 from .loading import CallerPolicy, as_caller, check_untrusted_model
 from .runtime.files import FileStore
-from .runtime.jobstore import StoredJob
-from .runtime.queue import Job, JobQueue, JobState
+from .runtime.jobstore import JobStore, StoredJob
+from .runtime.queue import Job, JobQueue, JobState, durable_queue, forget_queue, queue_for
 
 if TYPE_CHECKING:
     from .api import Engine
@@ -52,17 +53,6 @@ class Completed(Status):
     metrics: dict[str, Any]
     error: str | None = None
     error_type: str | None = None
-
-
-class RequestNotFoundError(EngineError, LookupError):
-    """No request with this id (never submitted, or its result expired)."""
-
-    error_type = "request_not_found"
-    http_status = 404
-
-
-def error_type_of(error: BaseException) -> str:
-    return error.error_type if isinstance(error, EngineError) else "internal_error"
 
 
 def job_status(job: Job, queue: JobQueue, with_logs: bool = False) -> Status:
@@ -104,30 +94,6 @@ def progress_event(job: Job, data: dict[str, Any]) -> dict[str, Any]:
     if "preview" in data:
         event["preview"] = data["preview"]
     return event
-
-
-# -- one queue per engine ------------------------------------------------------------------------------------------
-_QUEUES: "weakref.WeakKeyDictionary[Any, JobQueue]" = weakref.WeakKeyDictionary()
-_QUEUES_LOCK = threading.Lock()
-
-
-def queue_for(engine: "Engine", factory: Callable[[], JobQueue] | None = None) -> JobQueue:
-    """The engine's job queue (created on first use, by `factory` if given): one worker, since an engine drives one
-    device."""
-    with _QUEUES_LOCK:
-        queue = _QUEUES.get(engine)
-        if queue is None:
-            queue = factory() if factory is not None else JobQueue(name=str(getattr(engine, "device", "device")))
-            _QUEUES[engine] = queue
-        return queue
-
-
-def close_queue(engine: "Engine", timeout: float | None = 10.0) -> None:
-    """Stop the engine's job queue (its threads; a running job ends `interrupted`) and forget it."""
-    with _QUEUES_LOCK:
-        queue = _QUEUES.pop(engine, None)
-    if queue is not None:
-        queue.close(timeout)
 
 
 # -- handles -------------------------------------------------------------------------------------------------------
@@ -216,27 +182,41 @@ async def wait_change_async(job: Job, version: int, timeout: float | None) -> in
 
 # -- the service ---------------------------------------------------------------------------------------------------
 class FalService:
-    """fal's API bound to one engine.
+    """fal's API over one engine: `FalService(engine).run("fal-ai/fast-sdxl", {...})`.
 
     `trusted=False` (the default; the HTTP server always) treats callers as remote: model names are registry ids or
     hub ids (owner/name), never local paths, and a hub id must be in the local HF cache unless `allow_hub_downloads`;
     LoRAs are http(s) URLs or hub files; images are URLs or data URIs. `allow_models` (an allow-list) restricts
     untrusted callers to those names. Models the operator mapped to an endpoint are always served. `trusted=True`
-    (what `Engine.run` and friends use): local paths are fine."""
+    (your own code in process): local paths are fine.
+
+    Jobs run on the engine's one queue (shared with every other service over the engine). `state_dir` makes it
+    durable, as `engine serve --state-dir`: jobs are written to the job store there (and output files under it,
+    unless `files` is given); a service started again on the same dir serves completed results until `retention_s`,
+    runs queued jobs again and reports jobs that were running as `interrupted`. It must be given before the engine's
+    queue exists (the first service over an engine decides). `close()` (or `with FalService(...)`) stops the queue."""
 
     def __init__(self, engine: "Engine", *, endpoint_overrides: Mapping[str, str] | None = None,
                  allow_private_urls: bool = False, trusted: bool = False, files: FileStore | None = None,
                  queue: JobQueue | None = None, timeout_s: float | None = None,
-                 allow_models: Iterable[str] = (), allow_hub_downloads: bool = False):
+                 allow_models: Iterable[str] = (), allow_hub_downloads: bool = False,
+                 state_dir: "str | os.PathLike[str] | JobStore | None" = None, retention_s: float | None = None):
         self.engine = engine
         self.table = EndpointTable(endpoint_overrides)
         self.allow_private_urls = allow_private_urls
         self.trusted = trusted
         self.allow_models = frozenset(allow_models)
         self.allow_hub_downloads = allow_hub_downloads
-        self.files = files or FileStore()
+        recover = state_dir is not None and queue is None
+        if recover:
+            queue = _durable_queue_for(engine, state_dir, retention_s)
         self.queue = queue or queue_for(engine)
+        store = self.queue.store
+        durable_files = store.files_dir if store is not None and not store.temporary else None
+        self.files = files or FileStore(durable_files, ttl_s=retention_s or 3600.0)
         self.timeout_s = timeout_s
+        if recover:
+            self.queue.recover(self.resume)  # the last run's queued jobs go again, now that `resume` can run them
 
     @property
     def caller_policy(self) -> CallerPolicy:
@@ -304,13 +284,17 @@ class FalService:
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Stop the queue's threads (a running job ends `interrupted`; a durable store keeps queued ones for the next
-        start) and the file store's purge; temporary outputs are removed."""
-        with _QUEUES_LOCK:
-            for engine, queue in list(_QUEUES.items()):
-                if queue is self.queue:
-                    del _QUEUES[engine]
+        start) and the file store's purge; temporary outputs are removed. The queue is the engine's, shared: the
+        next service over the engine starts a fresh one."""
+        forget_queue(self.queue)
         self.queue.close(timeout)
         self.files.close()
+
+    def __enter__(self) -> "FalService":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def job(self, request_id: str) -> Job:
         job = self.queue.get(request_id)
@@ -425,6 +409,19 @@ class FalService:
         net.check_url(url, field="fal_webhook", allow_private=self.allow_private_urls)
 
 
+def _durable_queue_for(engine: "Engine", state_dir: "str | os.PathLike[str] | JobStore",
+                       retention_s: float | None) -> JobQueue:
+    queue = queue_for(engine, lambda: durable_queue(str(getattr(engine, "device", "device")), state_dir,
+                                                    retention_s=retention_s))
+    store = queue.store
+    wanted = state_dir.root if isinstance(state_dir, JobStore) else state_dir
+    if store is None or store.temporary or os.path.realpath(store.root) != os.path.realpath(wanted):
+        raise ValueError(f"state_dir={str(wanted)!r}: this engine's job queue already runs "
+                         f"{'in memory' if store is None or store.temporary else f'on {store.root}'}; "
+                         "give state_dir to the first service over an engine (or close that one first)")
+    return queue
+
+
 def _start_webhook(url: str, job: Job, allow_private_urls: bool) -> None:
     threading.Thread(target=_deliver_webhook, args=(url, job, allow_private_urls), daemon=True,
                      name=f"webhook-{job.id[:8]}").start()
@@ -446,48 +443,3 @@ def _deliver_webhook(url: str, job: Job, allow_private_urls: bool) -> None:
     except Exception as e:  # noqa: BLE001 - a failed delivery is logged, never fatal
         log.warning("webhook for %s to %s failed: %s", job.id, url, e)
 
-
-class FalMixin:
-    """Gives `Engine` fal's API (`engine.run(...)`, `engine.submit(...)`, ...) through one lazily built service."""
-
-    _fal_lock = threading.Lock()
-
-    @property
-    def fal(self) -> FalService:
-        service = self.__dict__.get("_fal_service")
-        if service is None:
-            with FalMixin._fal_lock:
-                service = self.__dict__.get("_fal_service")
-                if service is None:
-                    service = FalService(self, trusted=True)  # type: ignore[arg-type] - the Python API
-                    self.__dict__["_fal_service"] = service
-        return service
-
-    def run(self, app_id: str, arguments: dict[str, Any]) -> dict[str, Any]:
-        return self.fal.run(app_id, arguments)
-
-    def submit(self, app_id: str, arguments: dict[str, Any], webhook_url: str | None = None) -> RequestHandle:
-        return self.fal.submit(app_id, arguments, webhook_url)
-
-    def subscribe(self, app_id: str, arguments: dict[str, Any], with_logs: bool = False,
-                  on_enqueue: Callable[[str], None] | None = None,
-                  on_queue_update: Callable[[Status], None] | None = None) -> dict[str, Any]:
-        return self.fal.subscribe(app_id, arguments, with_logs, on_enqueue, on_queue_update)
-
-    def stream(self, app_id: str, arguments: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        return self.fal.stream(app_id, arguments)
-
-    async def run_async(self, app_id: str, arguments: dict[str, Any]) -> dict[str, Any]:
-        return await self.fal.run_async(app_id, arguments)
-
-    async def submit_async(self, app_id: str, arguments: dict[str, Any],
-                           webhook_url: str | None = None) -> AsyncRequestHandle:
-        return await self.fal.submit_async(app_id, arguments, webhook_url)
-
-    async def subscribe_async(self, app_id: str, arguments: dict[str, Any], with_logs: bool = False,
-                              on_enqueue: Callable[[str], None] | None = None,
-                              on_queue_update: Callable[[Status], None] | None = None) -> dict[str, Any]:
-        return await self.fal.subscribe_async(app_id, arguments, with_logs, on_enqueue, on_queue_update)
-
-    def stream_async(self, app_id: str, arguments: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        return self.fal.stream_async(app_id, arguments)

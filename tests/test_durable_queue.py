@@ -13,7 +13,7 @@ import pytest
 from engine import Engine
 from engine.runtime.files import FileStore
 from engine.runtime.jobstore import JobStore, StateDirLockedError
-from engine.runtime.queue import JobQueue, durable_queue
+from engine.runtime.queue import JobQueue, durable_queue, queue_for
 from engine.service import Completed, FalService, error_type_of
 
 TINY = {"fal-ai/fast-sdxl": "tiny-sdxl"}
@@ -72,7 +72,7 @@ def test_close_stops_threads_and_removes_temporary_files(tmp_path):
         q.submit(lambda ctx: 1)
 
     with Engine(device="cpu") as eng:  # the engine's queue: started by use, stopped by the context manager
-        assert eng.fal.queue.submit(lambda ctx: 1).wait(20)
+        assert queue_for(eng).submit(lambda ctx: 1).wait(20)
         assert len(_ours() - before) >= 2
     assert not (_ours() - before)
 
@@ -175,6 +175,39 @@ def test_restart_serves_completed_reruns_queued_and_fails_running(engine, tmp_pa
         assert again["seed"] == 4 and again["prompt"] == "resumed"
     finally:
         fal2.close()
+
+
+def test_fal_service_state_dir_is_the_servers_durable_store(tmp_path):
+    """The in-process API on `state_dir` keeps jobs as `engine serve --state-dir` does: completed results outlive a
+    restart, queued jobs run again on their own, running ones end `interrupted`."""
+    state = tmp_path / "state"
+    eng = Engine(device="cpu")
+    fal1 = FalService(eng, endpoint_overrides=TINY, state_dir=state, retention_s=600)
+    assert fal1.queue.store is not None and fal1.queue.store.root == state
+    with pytest.raises(ValueError, match="state_dir"):
+        FalService(eng, state_dir=tmp_path / "elsewhere")  # the engine's queue is already on `state`
+    done = fal1.submit("fal-ai/fast-sdxl", {"prompt": "kept", "seed": 3, **SMALL})
+    result = done.get(120)
+    assert Path(result["images"][0]["url"].removeprefix("file://")).is_relative_to(state)
+    started = threading.Event()
+
+    def blocker(ctx):
+        started.set()
+        while True:
+            ctx.check()
+            time.sleep(0.01)
+
+    running = fal1.queue.submit(blocker, app_id="blocker")
+    assert started.wait(20)
+    queued = fal1.submit("fal-ai/fast-sdxl", {"prompt": "resumed", "seed": 4, **SMALL})
+    fal1.close(timeout=20)
+
+    with FalService(eng, endpoint_overrides=TINY, state_dir=state, retention_s=600) as fal2:
+        assert fal2.result(done.request_id) == result
+        assert fal2.status(running.id).error_type == "interrupted"
+        again = fal2.get_handle(queued.request_id).get(120)  # re-queued at start, no `recover` call needed
+        assert again["seed"] == 4 and again["prompt"] == "resumed"
+    eng.close()
 
 
 # -- a real server, killed with SIGKILL mid-run --------------------------------------------------------------------

@@ -41,7 +41,6 @@ pytest.importorskip("uvicorn")
 
 from conftest import images_close  # noqa: E402
 
-from engine import Engine  # noqa: E402
 
 BASE = f"https://127.0.0.1:{PORT}"
 # every app id on a tiny model; fal-ai/lora stays unpinned so its `model_name` picks the model
@@ -51,7 +50,6 @@ ENDPOINTS = {
     "fal-ai/aura-sr": "tiny-aura-sr",
 }
 SMALL = {"image_size": {"width": 64, "height": 64}, "num_inference_steps": 1}
-HAS_UPSCALE = callable(getattr(Engine, "upscale", None))
 
 
 class Server:
@@ -247,8 +245,6 @@ def test_ssrf_webhook_to_the_server_itself_is_refused(server):
     assert server.alive()
 
 
-@pytest.mark.skipif(not HAS_UPSCALE, reason="Engine.upscale is not in this build yet (AuraSR issue); the input-layer "
-                                            "SSRF guard is covered in test_service.py")
 def test_ssrf_image_url_to_the_server_itself_is_refused(server):
     for url in (f"{BASE}/health", f"http://127.0.0.1:{PORT}/files/x.png", "http://169.254.169.254/latest/meta-data/",
                 "file:///etc/passwd"):

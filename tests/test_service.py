@@ -2,7 +2,6 @@
 
 import asyncio
 import base64
-import importlib.util
 import io
 import threading
 import time
@@ -16,13 +15,13 @@ import torch
 from PIL import Image
 
 from engine import Engine, errors
-from engine.endpoints import (IMAGE_SIZES, AppNotFoundError, EndpointTable, EndpointUnavailableError,
-                              FastLightningSDXLInput, FastSDXLInput, LoraInput, StableDiffusion15Input,
-                              load_image_argument, parse_override)
+from engine.endpoints import (IMAGE_SIZES, EndpointTable, FastLightningSDXLInput, FastSDXLInput, LoraInput,
+                              StableDiffusion15Input, load_image_argument, parse_override)
 from engine.models.previews import preview_image
 from engine.runtime.files import FileStore
-from engine.runtime.queue import JobQueue, JobState, JobTimeoutError
-from engine.service import Completed, FalMixin, FalService, InProgress, Queued, RequestNotFoundError
+from engine.errors import AppNotFoundError, EndpointUnavailableError, JobTimeoutError, RequestNotFoundError
+from engine.runtime.queue import JobQueue, JobState, queue_for
+from engine.service import Completed, FalService, InProgress, Queued
 
 from conftest import images_close
 
@@ -32,8 +31,6 @@ TINY = {
     "fal-ai/aura-sr": "tiny-aura-sr",
 }
 SMALL = {"image_size": {"width": 64, "height": 64}, "num_inference_steps": 1}
-HAS_UPSCALE = callable(getattr(Engine, "upscale", None))
-_HAS_IMAGES = importlib.util.find_spec("engine.images") is not None
 
 
 def _png(folder: Path) -> Path:
@@ -101,15 +98,6 @@ def test_invalid_arguments_are_422_before_queueing(fal, app, args, field):
     assert detail["loc"][0] == "body"
 
 
-def test_loras_rejected_only_while_unsupported(fal):
-    from engine.requests import GenerateRequest
-
-    if "loras" in GenerateRequest.model_fields:
-        pytest.skip("the engine supports LoRAs now; the 422 guard no longer applies")
-    with pytest.raises(errors.InvalidRequestError, match="not supported"):
-        fal.prepare("fal-ai/fast-sdxl", {"prompt": "x", "loras": [{"path": "a/b"}]})
-
-
 def test_untrusted_callers_cannot_name_local_paths(engine, tmp_path):
     http_side = FalService(engine, trusted=False)
     with pytest.raises(errors.InvalidRequestError) as info:
@@ -118,8 +106,7 @@ def test_untrusted_callers_cannot_name_local_paths(engine, tmp_path):
     with pytest.raises(errors.InvalidRequestError) as info:
         load_image_argument(str(_png(tmp_path)), allow_private_urls=True)
     assert info.value.field == "image_url"
-    if _HAS_IMAGES:  # the fallback loader reads data URIs only
-        assert load_image_argument(str(_png(tmp_path)), allow_private_urls=False, trusted=True).size == (3, 2)
+    assert load_image_argument(str(_png(tmp_path)), allow_private_urls=False, trusted=True).size == (3, 2)
     call = http_side.prepare("fal-ai/lora", {"model_name": "tiny-sd15", "prompt": "x", **SMALL})
     assert call.model == "tiny-sd15"
 
@@ -130,14 +117,6 @@ def test_unknown_app_is_404(fal):
     assert info.value.http_status == 404
 
 
-@pytest.mark.skipif(HAS_UPSCALE, reason="Engine.upscale exists; the 501 guard no longer applies")
-def test_aura_sr_without_upscaler_is_501(fal):
-    with pytest.raises(EndpointUnavailableError) as info:
-        fal.prepare("fal-ai/aura-sr", {"image_url": "data:image/png;base64,AAAA"})
-    assert info.value.http_status == 501 and "upscale" in str(info.value)
-
-
-@pytest.mark.skipif(not HAS_UPSCALE, reason="Engine.upscale is not in this build yet (AuraSR issue)")
 def test_aura_sr_upscales_a_data_uri(fal):
     buf = io.BytesIO()
     Image.new("RGB", (16, 12), (200, 30, 30)).save(buf, format="PNG")
@@ -280,15 +259,28 @@ def test_async_variants(fal):
     assert streamed[0]["type"] == "progress"
 
 
-def test_fal_mixin_gives_engine_the_api(engine):
-    class FalEngine(Engine, FalMixin):  # this order stays valid once Engine itself derives from FalMixin
-        pass
+def test_fal_service_wraps_an_engine_and_shares_its_queue():
+    import engine as package
 
-    eng = FalEngine(device="cpu")
-    eng.fal.table.set_model("fal-ai/fast-sdxl", "tiny-sdxl")
-    assert eng.fal is eng.fal
-    assert eng.run("fal-ai/fast-sdxl", {"prompt": "x", "seed": 1, **SMALL})["seed"] == 1
-    assert eng.submit("fal-ai/fast-sdxl", {"prompt": "x", "seed": 1, **SMALL}).get()["seed"] == 1
+    eng = package.Engine(device="cpu")
+    assert not any(hasattr(eng, name) for name in ("run", "submit", "subscribe", "stream", "fal"))  # no fal in Engine
+    with package.FalService(eng, endpoint_overrides=TINY) as one:
+        two = package.FalService(eng, endpoint_overrides=TINY, trusted=True)
+        assert one.queue is two.queue is queue_for(eng)  # one worker per engine: services take turns on the device
+        assert one.run("fal-ai/fast-sdxl", {"prompt": "x", "seed": 1, **SMALL})["seed"] == 1
+        assert two.submit("fal-ai/fast-sdxl", {"prompt": "x", "seed": 2, **SMALL}).get()["seed"] == 2
+    assert queue_for(eng) is not one.queue  # closed with the service; the engine's next user gets a fresh queue
+    eng.close()
+
+
+def test_engine_close_stops_its_queue():
+    eng = Engine(device="cpu")
+    fal = FalService(eng)
+    assert fal.queue.submit(lambda ctx: 1).wait(20)
+    eng.close()
+    with pytest.raises(RuntimeError):
+        fal.queue.submit(lambda ctx: 1)
+    fal.files.close()
 
 
 # -- queue ----------------------------------------------------------------------------------------------------------
@@ -438,10 +430,6 @@ def test_abandoned_stream_cancels_its_job(fal):
 
 
 def test_untrusted_lora_paths_must_be_urls_or_hub_ids(engine):
-    from engine.requests import GenerateRequest
-
-    if "loras" not in GenerateRequest.model_fields:
-        pytest.skip("this engine has no LoRA support yet")
     http_side = FalService(engine, endpoint_overrides=TINY, trusted=False)
     with pytest.raises(errors.InvalidRequestError) as info:
         http_side.prepare("fal-ai/fast-sdxl", {"prompt": "x", "loras": [{"path": "/tmp/evil.safetensors"}], **SMALL})
@@ -453,7 +441,8 @@ def test_untrusted_lora_paths_must_be_urls_or_hub_ids(engine):
 
 class _StandInUpscaler:
     """Has the `Engine.upscale` signature the aura-sr endpoint calls; a plain 4x resize stands in for AuraSR so the
-    endpoint's wiring (inputs, SSRF refusals, rendering) is tested whether or not the real upscaler has landed."""
+    endpoint's wiring (inputs, SSRF refusals, rendering, the arguments passed) is checked exactly and fast (the real
+    upscaler behind the endpoint: test_aura_sr_upscales_a_data_uri, tests/test_upscale_api.py)."""
 
     device = "cpu"
 

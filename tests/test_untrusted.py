@@ -103,9 +103,9 @@ def test_hub_download_is_off_by_default_for_untrusted_callers():
 def test_trusted_engine_api_loads_local_folders(engine, disk):
     out = engine.generate(model="owner/name", prompt="x", width=64, height=64, num_inference_steps=1, seed=1)
     assert len(out.images) == 1
-    fal_out = engine.run("fal-ai/lora", {"model_name": str(disk / "local"), "prompt": "x", **SMALL})
-    assert len(fal_out["images"]) == 1
     trusted = FalService(engine, trusted=True)
+    fal_out = trusted.run("fal-ai/lora", {"model_name": str(disk / "local"), "prompt": "x", **SMALL})
+    assert len(fal_out["images"]) == 1
     assert trusted.prepare("fal-ai/lora", {"model_name": "./local", "prompt": "x", **SMALL}).model == "./local"
 
 
@@ -356,3 +356,20 @@ def test_a_local_model_loaded_by_name_is_not_served_to_an_untrusted_caller(disk)
         error = _refusal(eng.generate, model="owner/name", prompt="x", width=64, height=64, num_inference_steps=1)
     assert isinstance(error, RefusedSourceError) and "model cache" in str(error)
     assert eng.generate(model="owner/name", prompt="x", width=64, height=64, num_inference_steps=1, seed=1).images
+
+
+def test_one_grammar_for_hub_names():
+    """engine/sources.py is the one definition of a hub id / hub file; loaders, LoRAs and endpoints all use it."""
+    from engine import endpoints, loading, lora, sources
+
+    assert loading.is_hub_id is sources.is_hub_id and lora.parse_hub_ref is sources.parse_hub_ref
+    assert endpoints.is_hub_id is sources.is_hub_id and endpoints.parse_hub_ref is sources.parse_hub_ref
+    assert sources.is_hub_id("stabilityai/sdxl-turbo")
+    for bad in ("../x", "a/b/c", "owner/.hidden", "-owner/x", "owner/x.", "a--b/c", "/abs/path", "owner"):
+        assert not sources.is_hub_id(bad), bad
+    assert sources.parse_hub_ref("owner/repo") == ("owner/repo", None)
+    assert sources.parse_hub_ref("owner/repo/sub/w.safetensors", file_suffix=".safetensors") == \
+        ("owner/repo", "sub/w.safetensors")
+    assert sources.parse_hub_ref("owner/repo/w.bin", file_suffix=".safetensors") is None
+    assert sources.parse_hub_ref("owner/repo/../../x.safetensors") is None
+    assert sources.parse_hub_ref("./owner/repo") is None

@@ -6,7 +6,6 @@ import contextlib
 import contextvars
 import dataclasses
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,21 +15,14 @@ import torch
 from ..errors import ModelLoadError, ModelNotFoundError, RefusedSourceError
 from ..families import FamilySpec, get_family
 from ..registry import ModelSpec, find_spec, get_spec, registry
+from ..sources import CHECKPOINT_SUFFIXES, HUB_ID, is_hub_id  # noqa: F401 - is_hub_id re-exported
 from .dtypes import TorchDtype
 from .pretrained import cached_snapshot, fetch_hub_model, folder_family, load_folder, read_model_index
 
 log = logging.getLogger(__name__)
 
-# A Hugging Face repository id, owner/name: what an untrusted caller may name besides a registry id. Neither part
-# may start or end with "." or "-", or hold "..", so no spelling of it is a path that climbs out of anywhere.
-_HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
-HUB_ID = re.compile(rf"^{_HUB_PART}/{_HUB_PART}$")
 MAX_HUB_DOWNLOAD_BYTES = 40_000_000_000  # an untrusted caller's hub download (SDXL fp32 is ~14 GB, FLUX ~34 GB)
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
-
-
-def is_hub_id(name: str) -> bool:
-    return bool(HUB_ID.match(name)) and ".." not in name and "--" not in name
+SINGLE_FILE_SUFFIXES = CHECKPOINT_SUFFIXES
 
 
 # -- who is asking -------------------------------------------------------------------------------------------------
@@ -281,3 +273,25 @@ def load_model(model: str, *, torch_dtype: TorchDtype = torch.float32, allow_pic
 
 def text_to_image_ids() -> list[str]:
     return sorted(k for k, s in registry().items() if s.family_spec.task == "text-to-image")
+
+
+def available_offline(spec: ModelSpec) -> bool:
+    """Whether `spec` loads without the network: tiny models always; hub models when a snapshot is already in the local
+    HF cache; presets when their base and their extra files (local, or cached hub files) are."""
+    if spec.is_preset:
+        return available_offline(get_spec(spec.base or "")) and all(
+            _file_available(ref) for ref in (spec.unet, spec.lora) if ref)
+    if spec.is_tiny:
+        return True
+    if spec.family_spec.task == "upscale":
+        from .aurasr import cached_aurasr_snapshot
+
+        return cached_aurasr_snapshot(spec.source) is not None
+    return cached_snapshot(spec.source) is not None
+
+
+def _file_available(ref: str) -> bool:
+    """A preset's extra file: a local path, or a hub file already in the local cache."""
+    from .hub_files import cached_hub_file
+
+    return Path(ref).expanduser().is_file() or cached_hub_file(ref) is not None

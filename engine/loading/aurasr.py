@@ -22,10 +22,10 @@ from ..errors import HubUnavailableError, ModelLoadError, ModelNotFoundError, Un
 from ..models.aurasr import AuraSRConfig, AuraSRGenerator
 from ..paths import cache_dir, configs_dir
 from ..registry import find_spec, registry
+from ..sources import PICKLE_SUFFIXES
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 HUB_FILES = [CONFIG_NAME, WEIGHTS_NAME]
 TINY_BUILDER_VERSION = "1"
 

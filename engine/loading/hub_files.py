@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import HubUnavailableError, ModelNotFoundError
+from ..sources import parse_hub_ref
 
 
 def split_hub_file(ref: str) -> tuple[str, str]:
-    parts = ref.split("/")
-    if len(parts) < 3 or not ref.endswith(".safetensors"):
+    parsed = parse_hub_ref(ref, file_suffix=".safetensors")
+    if parsed is None or parsed[1] is None:
         raise ModelNotFoundError(ref, "expected a local .safetensors file or owner/repo/file.safetensors")
-    return "/".join(parts[:2]), "/".join(parts[2:])
+    return parsed[0], parsed[1]
 
 
 def cached_hub_file(ref: str) -> Path | None:

@@ -17,12 +17,12 @@ import torch
 
 from ..errors import HubUnavailableError, ModelLoadError, UnsafeCheckpointError
 from ..families import FamilySpec, family_of_pipeline_class
+from ..sources import PICKLE_SUFFIXES
 from .classes import component_kind, resolve_class
 from .dtypes import TorchDtype, component_dtype, folder_config, load_quantization
 
 log = logging.getLogger(__name__)
 
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 # What a hub snapshot needs: configs, tokenizers and safetensors weights (never pickles, ONNX or Flax files).
 HUB_ALLOW_PATTERNS = ["model_index.json", "*.json", "*.txt", "*.model", "*/*.json", "*/*.txt", "*/*.model",
                       "*/*.safetensors", "*/*.safetensors.index.json"]

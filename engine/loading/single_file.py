@@ -26,6 +26,7 @@ from ..errors import HubUnavailableError, ModelLoadError, UnsafeCheckpointError
 from ..families import get_family
 from ..paths import configs_dir
 from ..registry import registry
+from ..sources import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 from .classes import component_kind, resolve_class
 from .dtypes import TorchDtype, component_dtype, module_config
 from .original_layout import flux_bfl_to_diffusers
@@ -35,8 +36,6 @@ from .tiny import ensure_tiny_model
 log = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
-SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 # ------------------------------------------------------------------------------------------------ layout table
 

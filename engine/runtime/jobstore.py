@@ -25,7 +25,7 @@ from typing import Any, Iterable
 
 from filelock import FileLock, Timeout
 
-from ..errors import EngineError
+from ..errors import StateDirLockedError  # noqa: F401 - re-exported (raised here)
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,6 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
 """
-
-
-class StateDirLockedError(EngineError):
-    """Another process serves from this state dir."""
-
-    error_type = "state_dir_locked"
 
 
 def default_state_dir() -> Path | None:

@@ -26,12 +26,14 @@ import os
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
 from typing import Any, Callable
 
-from ..errors import EngineError, JobCancelledError
+from ..errors import (EngineError, JobCancelledError, JobInterruptedError, JobTimeoutError,  # noqa: F401 - re-exported
+                      RestoredJobError)
 from .jobstore import JobStore, StoredJob
 
 log = logging.getLogger(__name__)
@@ -43,34 +45,6 @@ class JobState(str, Enum):
     IN_QUEUE = "IN_QUEUE"
     IN_PROGRESS = "IN_PROGRESS"
     COMPLETED = "COMPLETED"
-
-
-class JobTimeoutError(EngineError):
-    """The job ran (or waited) past its deadline."""
-
-    error_type = "request_timeout"
-    http_status = 504
-
-
-class JobInterruptedError(EngineError):
-    """The server stopped while the job ran (or, unresumable, while it waited): submit it again."""
-
-    error_type = "interrupted"
-    http_status = 503
-
-
-class RestoredJobError(EngineError):
-    """A finished job's error as read back from the job store: same message, `error_type`, status and body."""
-
-    def __init__(self, stored: dict[str, Any]):
-        super().__init__(stored.get("message", ""))
-        self.error_type = str(stored.get("error_type") or "internal_error")
-        self.http_status = int(stored.get("http_status") or 500)
-        self.original_type = stored.get("type")
-        self._body = stored.get("body")
-
-    def to_dict(self) -> dict[str, Any]:
-        return self._body if isinstance(self._body, dict) else super().to_dict()
 
 
 def error_record(error: BaseException) -> dict[str, Any]:
@@ -721,3 +695,43 @@ def durable_queue(name: str, state_dir: "str | os.PathLike[str] | JobStore | Non
         kwargs["max_bytes"] = max_bytes
     return JobQueue(name=name, store=store, retention_s=retention_s or 3600.0, default_timeout_s=default_timeout_s,
                     **kwargs)
+
+
+# -- one queue per engine ------------------------------------------------------------------------------------------
+# Keyed by the engine object (weakly): every fal-style service over one engine, and the server, share its one worker,
+# so they take turns on the device and report true queue positions. The engine stops it in `Engine.close()`.
+_QUEUES: "weakref.WeakKeyDictionary[Any, JobQueue]" = weakref.WeakKeyDictionary()
+_QUEUES_LOCK = threading.Lock()
+
+
+def queue_for(owner: Any, factory: Callable[[], JobQueue] | None = None) -> JobQueue:
+    """`owner`'s job queue (an engine's: it drives one device, so one worker), created on first use by `factory`
+    (default: an in-memory queue named after `owner.device`)."""
+    with _QUEUES_LOCK:
+        queue = _QUEUES.get(owner)
+        if queue is None:
+            queue = factory() if factory is not None else JobQueue(name=str(getattr(owner, "device", "device")))
+            _QUEUES[owner] = queue
+        return queue
+
+
+def existing_queue(owner: Any) -> JobQueue | None:
+    """`owner`'s job queue if one was created (and not closed since), else None."""
+    with _QUEUES_LOCK:
+        return _QUEUES.get(owner)
+
+
+def forget_queue(queue: JobQueue) -> None:
+    """Drop `queue` from the registry (it is being closed): the owner's next `queue_for` makes a fresh one."""
+    with _QUEUES_LOCK:
+        for owner, known in list(_QUEUES.items()):
+            if known is queue:
+                del _QUEUES[owner]
+
+
+def close_queue(owner: Any, timeout: float | None = 10.0) -> None:
+    """Stop `owner`'s job queue (its threads; a running job ends `interrupted`) and forget it."""
+    with _QUEUES_LOCK:
+        queue = _QUEUES.pop(owner, None)
+    if queue is not None:
+        queue.close(timeout)

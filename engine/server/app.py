@@ -35,15 +35,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..endpoints import ENDPOINTS, AppNotFoundError, EndpointSpec
-from ..errors import EngineError, InvalidRequestError
+from ..endpoints import ENDPOINTS, EndpointSpec
+from ..errors import (AppNotFoundError, EngineError, InvalidRequestError, JobTimeoutError, PayloadTooLargeError,
+                      RequestNotFoundError, UnauthorizedError, error_type_of)
 from ..requests import invalid_from_validation
 from ..runtime.files import FileStore
 from ..runtime.jobstore import JobStore
-from ..runtime.queue import durable_queue
-from ..runtime.queue import Job, JobTimeoutError
-from ..service import FalService, RequestNotFoundError, error_type_of, job_result, job_status, queue_for, status_json
-from ..service import wait_change_async
+from ..runtime.queue import Job, durable_queue, queue_for
+from ..service import FalService, job_result, job_status, status_json, wait_change_async
 from . import schemas
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
@@ -53,16 +52,6 @@ log = logging.getLogger(__name__)
 TIMEOUT_HEADER = "x-fal-request-timeout"
 MAX_BODY_BYTES = 96 * 1024 * 1024  # room for a 64 MiB image as a data URI, and no more
 MAX_WEBHOOK_URL = 2048
-
-
-class PayloadTooLarge(EngineError):
-    error_type = "payload_too_large"
-    http_status = 413
-
-
-class Unauthorized(EngineError):
-    error_type = "unauthorized"
-    http_status = 401
 
 
 def _invalid_body(message: str, kind: str) -> InvalidRequestError:
@@ -125,7 +114,7 @@ async def _json_body(request: Request) -> Any:
     async for chunk in request.stream():
         size += len(chunk)
         if size > MAX_BODY_BYTES:
-            raise PayloadTooLarge(f"request body larger than {MAX_BODY_BYTES} bytes")
+            raise PayloadTooLargeError(f"request body larger than {MAX_BODY_BYTES} bytes")
         chunks.append(chunk)
     raw = b"".join(chunks)
     if not raw.strip():
@@ -239,7 +228,7 @@ def create_app(engine: Any, *, api_key: str | None = None, allow_private_urls: b
         if expected is None:
             return
         if not hmac.compare_digest((given or "").encode("utf-8", "surrogateescape"), expected):
-            raise Unauthorized("missing or wrong API key (send `Authorization: Key <key>`)")
+            raise UnauthorizedError("missing or wrong API key (send `Authorization: Key <key>`)")
 
     app = FastAPI(title="engine", version="1", docs_url=None, redoc_url=None, openapi_url=None,
                   description="fal-compatible run, stream and queue routes over a local diffusion engine")

@@ -71,6 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..api import Engine
     from ..runtime.planner import engine_memory_kwargs
     from ..endpoints import ENDPOINTS, parse_override
+    from ..loading import available_offline
     from ..registry import find_spec
     from ..runtime.files import FileStore
     from .app import create_app
@@ -105,7 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for app_id in ENDPOINTS:
             model = table.model_for(app_id)
             spec = find_spec(model) if model else None
-            if spec is not None and spec.family_spec.task == "text-to-image" and spec.available_offline():
+            if spec is not None and spec.family_spec.task == "text-to-image" and available_offline(spec):
                 log.info("preloading %s for %s", model, app_id)
                 engine.load(model)
     uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
