@@ -103,6 +103,16 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def run_entry_point(fixed: Sequence[str], argv: Sequence[str] | None = None) -> int:
+    """A benchmark script as a thin entry point: `engine bench` with the script's arguments (`fixed`), then the
+    caller's (which win: argparse keeps the last value; --scenario / --presets add up). The result files record
+    the script's command line and what it expands to."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    script = " ".join(["python", sys.argv[0], *(shlex.quote(a) for a in argv)])
+    expanded = " ".join(["python -m engine.bench.cli bench", *(shlex.quote(a) for a in [*fixed, *argv])])
+    return main(["bench", *fixed, *argv, "--command-line", f"{script}  (= {expanded})"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="engine")
     add_bench_parser(parser.add_subparsers(dest="command", required=True))
