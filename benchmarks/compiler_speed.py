@@ -6,8 +6,8 @@ import sys
 
 from engine.bench.cli import run_entry_point
 
-ARGS = ["--scale", "small", "--scenario", "sdxl", "--scenario", "flux", "--presets", "diffusers,diffusers-bf16,O0,O1,O2",
-        "--out", "benchmarks/results/compiler_cpu"]
+ARGS = ["--scale", "small", "--scenario", "sdxl", "--scenario", "flux",
+        "--presets", "diffusers,diffusers-bf16,O0,O1,O2", "--out", "benchmarks/results/compiler_cpu"]
 
 if __name__ == "__main__":
     sys.exit(run_entry_point(ARGS))

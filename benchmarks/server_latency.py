@@ -2,7 +2,8 @@
 `Engine.generate` on the same tiny model, in the harness's terms (engine/bench/measurement.py: its timer, median and
 spread, result format), and throughput with N concurrent clients.
 
-    python benchmarks/server_latency.py [--requests 20] [--rounds 3] [--concurrency 4] [--out benchmarks/results/server_latency_cpu]
+    python benchmarks/server_latency.py [--requests 20] [--rounds 3] [--concurrency 4]
+                                        [--out benchmarks/results/server_latency_cpu]
 
 Added latency per request: (client wall time) - (the engine's own `timings.total` in the response): the HTTP, TLS,
 JSON, queue hand-off, image encoding and file store, everything but the model. Rounds alternate direct and served
@@ -25,7 +26,8 @@ from typing import Any
 from engine.bench.measurement import Measurements, script_command
 
 ROOT = Path(__file__).resolve().parent.parent
-DIRECT, SERVED, ADDED = "direct Engine.generate", "served (fal client, TLS)", "added by the server (wall - timings.total)"
+DIRECT, SERVED = "direct Engine.generate", "served (fal client, TLS)"
+ADDED = "added by the server (wall - timings.total)"
 
 
 def free_port() -> int:

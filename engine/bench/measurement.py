@@ -8,7 +8,6 @@ A benchmark script is then a thin entry point: it builds its callables and hands
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

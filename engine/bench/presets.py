@@ -104,7 +104,7 @@ class Prepared:
 
 def warm_up(call: Call, settings: Settings, row: Row) -> None:
     """Warm-up runs; the first is the first-image figure (it pays compilation). With no warm-up, the first timed
-    run stands in for it (set in `Prepared.finish`'s caller)."""
+    run stands in for it (set by `timed_rounds`)."""
     for _ in range(settings.warmup):
         dt, _out = timed(call, settings.device)
         row.first_image_s = dt if row.first_image_s is None else row.first_image_s
