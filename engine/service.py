@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterator, Mapping
 
+from . import net
 from .endpoints import EndpointTable, PreparedCall, prepare
 from .errors import RequestNotFoundError, error_type_of
 from .loading import CallerPolicy, as_caller, check_untrusted_model
@@ -275,10 +276,13 @@ class FalService:
         return job
 
     def resume(self, stored: StoredJob) -> Job:
-        """Queue a job read back from a durable store again, under its id (validated again, as any request)."""
+        """Queue a job read back from a durable store again, under its id (validated again, as any request; file
+        URLs the server handed out under its base URL are read from the file store, as when it was submitted)."""
         record = stored.record or {}
-        return self.enqueue(self.prepare(stored.app_id, record.get("arguments")),
-                            base_url=stored.meta.get("base_url"), webhook_url=record.get("webhook_url"),
+        base_url = stored.meta.get("base_url")
+        with net.local_urls(lambda url: self.files.read_local(url, [base_url] if base_url else [])):
+            call = self.prepare(stored.app_id, record.get("arguments"))
+        return self.enqueue(call, base_url=base_url, webhook_url=record.get("webhook_url"),
                             timeout_s=record.get("timeout_s"), job_id=stored.id)
 
     def close(self, timeout: float | None = 10.0) -> None:

@@ -236,3 +236,40 @@ def test_js_multipart_and_python_cdn_flows(client):
     assert client.post(f"{m['access_url']}/multipart/{m['uploadId']}/complete", json={"parts": parts},
                        headers=auth).status_code == 200
     assert client.get(m["access_url"]).json()["size"] == len(data)
+
+
+def test_a_queued_job_naming_an_upload_runs_again_after_a_restart(tmp_path):
+    """A durable queue re-runs queued jobs at start; an input that names the server's own upload is read from the
+    file store then too (never fetched: the base URL here does not even resolve)."""
+    import threading
+
+    from engine import Engine
+    from engine.server.surface import local_inputs
+    from engine.service import FalService
+
+    overrides = {"fal-ai/aura-sr": "tiny-aura-sr"}
+    state, base = tmp_path / "state", "https://engine.invalid/"
+    eng = Engine(device="cpu")
+    fal1 = FalService(eng, endpoint_overrides=overrides, state_dir=state, retention_s=600)
+    uid = fal1.files.new_upload_id()
+    writer = fal1.files.begin_upload(uid)
+    writer.write(png_bytes((16, 8)))
+    writer.finish()
+    started = threading.Event()
+
+    def blocker(ctx):
+        started.set()
+        while True:
+            ctx.check()
+            time.sleep(0.01)
+
+    fal1.queue.submit(blocker, app_id="blocker")
+    assert started.wait(20)
+    with local_inputs(fal1.files, [base]):
+        call = fal1.prepare("fal-ai/aura-sr", {"image_url": f"{base}files/{uid}", "seed": 1})
+    queued = fal1.enqueue(call, base_url=base)
+    fal1.close(timeout=20)
+    with FalService(eng, endpoint_overrides=overrides, state_dir=state, retention_s=600) as fal2:
+        out = fal2.get_handle(queued.id).get(120)
+        assert (out["image"]["width"], out["image"]["height"]) == (64, 32)
+    eng.close()
