@@ -46,6 +46,7 @@ from ..service import FalService, job_result, job_status, status_json, wait_chan
 from . import schemas
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
+from .pages import add_page_routes
 
 log = logging.getLogger(__name__)
 
@@ -394,6 +395,7 @@ def create_app(engine: Any, *, api_key: str | None = None, allow_private_urls: b
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"x-fal-request-id": job.id, "cache-control": "no-cache"})
 
+    add_page_routes(app, service, auth=auth, key_required=expected is not None)  # GET /, /analytics
     for spec in ENDPOINTS.values():
         _add_app_routes(app, spec, auth, submit=submit, run=run, stream=stream)
 
