@@ -26,7 +26,8 @@ function chart(app, series, container) {
   const opts = {
     width, height: 200,
     title: "requests and latency",
-    scales: { x: { time: true }, n: { range: (u, lo, hi) => [0, Math.max(1, hi)] }, s: {} },
+    scales: { x: { time: true }, n: { range: (u, lo, hi) => [0, Math.max(1, hi)] },
+              s: { range: (u, lo, hi) => [0, Math.max(0.001, (hi ?? 0) * 1.1)] } },
     axes: [{}, { scale: "n", label: "requests" }, { scale: "s", side: 1, label: "seconds", grid: { show: false } }],
     series: [
       {},

@@ -225,6 +225,7 @@ async function run(event) {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(args) });
     if (!response.ok) {
       const body = await response.json().catch(() => ({}));
+      $("progress-box").hidden = true;  // refused before it became a job
       throw new HttpError(response.status, body);
     }
     const requestId = response.headers.get("x-fal-request-id");
@@ -257,6 +258,7 @@ async function run(event) {
     await showResult(result, requestId);
     loadReport();
   } catch (e) {
+    $("progress").value = 0;
     $("progress-text").textContent = "failed";
     const detail = e instanceof HttpError ? e.body?.detail : null;
     const unplaced = Array.isArray(detail) ? state.form.showErrors(detail) : [e.message];

@@ -110,7 +110,9 @@ function makeField(name, path, rawSchema, root, required, uploader) {
     } else {
       wrap.append(number);
     }
-    if (lo !== undefined && hi !== undefined && hi - lo > SLIDER_MAX_SPAN) help.push(`${lo} to ${hi}`);
+    if (lo !== undefined && hi !== undefined && hi - lo > SLIDER_MAX_SPAN) {
+      help.push(hi > Number.MAX_SAFE_INTEGER ? `${lo} or more` : `${lo} to ${hi}`);
+    }
     control.read = () => {
       if (number.value.trim() === "") return undefined;
       const value = Number(number.value);
