@@ -320,7 +320,10 @@ def test_playground_and_analytics_in_a_browser(served, browser, artifacts) -> No
     facts = page.inner_text("#result-facts")
     assert "inference" in facts and "request" in facts
     assert "64×64 image/png" in page.inner_text("#result figcaption")
-    (sent,) = [json.loads(body) for m, u, body in watch.requests if m == "POST" and u.endswith("/fal-ai/fast-sdxl/stream")]
+    posts = [(u, body) for m, u, body in watch.requests if m == "POST"]
+    streams = [json.loads(body) for u, body in posts if u.endswith("/fal-ai/fast-sdxl/stream")]
+    assert len(streams) == 1, posts
+    sent = streams[0]
     assert sent == {"prompt": "a lighthouse at dusk", "seed": 7, "num_inference_steps": 3,
                     "image_size": {"width": 64, "height": 64}, "format": "png"}
     assert any(u.startswith(f"{base}/queue/fal-ai/fast-sdxl/requests/") for m, u, _ in watch.requests if m == "GET")
@@ -350,6 +353,42 @@ def test_playground_and_analytics_in_a_browser(served, browser, artifacts) -> No
     assert page.get_attribute("[data-field=num_inference_steps] input[type=number]", "aria-invalid") == "true"
     shot(page, "422-beside-field")
     page.fill("[data-field=num_inference_steps] input[type=number]", "3")
+
+    # ... and inside a LoRA list row: the schema's errors, then the server's check of the path
+    page.click("[data-field=loras] button:has-text('Add')")
+    page.fill("[data-field='loras.0.scale'] input[type=number]", "9")
+    page.click("#run")
+    path_error = page.locator("[data-field='loras.0.path'] > .field-error")
+    path_error.wait_for(state="visible")
+    assert "at least 1 character" in path_error.inner_text()
+    assert "less than or equal to 4" in page.inner_text("[data-field='loras.0.scale'] > .field-error")
+    page.fill("[data-field='loras.0.scale'] input[type=number]", "0.5")
+    page.fill("[data-field='loras.0.path'] input", "../secret.safetensors")
+    page.click("#run")
+    _wait_js(page, "() => document.querySelector(\"[data-field='loras.0.path'] > .field-error\").textContent"
+                   ".includes('hub id')")
+    assert page.locator("[data-field='loras.0.scale'] > .field-error").is_hidden()
+    shot(page, "422-lora-row")
+    page.click("[data-field='loras.0'] button:has-text('Remove')")
+    assert page.locator("[data-field='loras.0']").count() == 0
+
+    # ... and inside a LoRA list row: the schema's errors, then the server's check of the path
+    page.click("[data-field=loras] button:has-text('Add')")
+    page.fill("[data-field='loras.0.scale'] input[type=number]", "9")
+    page.click("#run")
+    path_error = page.locator("[data-field='loras.0.path'] > .field-error")
+    path_error.wait_for(state="visible")
+    assert "at least 1 character" in path_error.inner_text()
+    assert "less than or equal to 4" in page.inner_text("[data-field='loras.0.scale'] > .field-error")
+    page.fill("[data-field='loras.0.scale'] input[type=number]", "0.5")
+    page.fill("[data-field='loras.0.path'] input", "../secret.safetensors")
+    page.click("#run")
+    _wait_js(page, "() => document.querySelector(\"[data-field='loras.0.path'] > .field-error\").textContent"
+                   ".includes('hub id')")
+    assert page.locator("[data-field='loras.0.scale'] > .field-error").is_hidden()
+    shot(page, "422-lora-row")
+    page.click("[data-field='loras.0'] button:has-text('Remove')")
+    assert page.locator("[data-field='loras.0']").count() == 0
 
     # 6. AuraSR: an input image picked from disk, uploaded through the server's storage route (or inline)
     key = {"Authorization": f"Key {API_KEY}"}

@@ -53,7 +53,7 @@ function makeField(name, path, rawSchema, root, required, uploader) {
   };
 
   if (schema.const !== undefined) {
-    const input = el("input", { id, value: String(schema.const), readonly: true });
+    const input = el("input", { id, type: "text", value: String(schema.const), readonly: true });
     wrap.append(el("label", { for: id }, title), input);
     control.read = () => undefined;  // fixed by the schema: nothing to send
   } else if (variants.length > 1 && variants.some((s) => s.enum) && variants.some((s) => s.type === "object")) {
