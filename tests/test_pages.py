@@ -184,20 +184,37 @@ def artifacts(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
+    """A keyed `engine serve` with tiny SDXL and AuraSR, and a LoRA file on a loopback file server (hence
+    --allow-private-urls): (server URL, the LoRA's URL)."""
     pytest.importorskip("uvicorn")
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
     from serving import free_port, start_server, stop_server
+    from test_lora import make_lora
 
     tmp = tmp_path_factory.mktemp("pages-server")
+    (tmp / "loras").mkdir()
+    make_lora(tmp / "loras" / "style.safetensors", seed=3, strength=4.0)
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(tmp / "loras"))
+    files = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     args = ["--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--api-key", API_KEY,
-            "--state-dir", str(tmp / "state"), "--log-level", "warning",
+            "--state-dir", str(tmp / "state"), "--log-level", "warning", "--allow-private-urls",
             "--endpoint", "fal-ai/fast-sdxl=tiny-sdxl", "--endpoint", "fal-ai/aura-sr=tiny-aura-sr"]
     proc = start_server(args, tmp / "server.log", f"{base}/health")
     try:
-        yield base
+        yield base, f"http://127.0.0.1:{files.server_address[1]}/style.safetensors"
     finally:
         stop_server(proc)
+        files.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +259,17 @@ def _wait_js(page, expression: str, timeout: float = 120.0) -> None:
         time.sleep(0.1)
 
 
+def _result_pixels(page, base: str) -> np.ndarray:
+    """The first output image of the result shown (read back by its request id through the queue protocol)."""
+    import httpx
+    from PIL import Image
+
+    key = {"Authorization": f"Key {API_KEY}"}
+    request_id = page.inner_text("#result-facts dd")
+    result = httpx.get(f"{base}/queue/fal-ai/fast-sdxl/requests/{request_id}", headers=key, timeout=60).json()
+    return np.asarray(Image.open(io.BytesIO(httpx.get(result["images"][0]["url"], headers=key, timeout=60).content)))
+
+
 def _png(width: int, height: int) -> bytes:
     from PIL import Image
 
@@ -253,7 +281,7 @@ def _png(width: int, height: int) -> bytes:
 def test_playground_and_analytics_in_a_browser(served, browser, artifacts) -> None:
     import httpx
 
-    base = served
+    base, lora_url = served
     shots = iter(range(1, 100))
 
     def shot(page, name: str) -> None:
@@ -320,6 +348,7 @@ def test_playground_and_analytics_in_a_browser(served, browser, artifacts) -> No
     facts = page.inner_text("#result-facts")
     assert "inference" in facts and "request" in facts
     assert "64×64 image/png" in page.inner_text("#result figcaption")
+    output_pixels_before = _result_pixels(page, base)
     posts = [(u, body) for m, u, body in watch.requests if m == "POST"]
     streams = [json.loads(body) for u, body in posts if u.endswith("/fal-ai/fast-sdxl/stream")]
     assert len(streams) == 1, posts
@@ -372,26 +401,21 @@ def test_playground_and_analytics_in_a_browser(served, browser, artifacts) -> No
     page.click("[data-field='loras.0'] button:has-text('Remove')")
     assert page.locator("[data-field='loras.0']").count() == 0
 
-    # ... and inside a LoRA list row: the schema's errors, then the server's check of the path
+    # the same run with a LoRA (a file URL the server fetches): another image from the same seed
+    key = {"Authorization": f"Key {API_KEY}"}
+    http = httpx.Client(base_url=base, headers=key, timeout=60)
+    plain = output_pixels_before
     page.click("[data-field=loras] button:has-text('Add')")
-    page.fill("[data-field='loras.0.scale'] input[type=number]", "9")
+    page.fill("[data-field='loras.0.path'] input", lora_url)
     page.click("#run")
-    path_error = page.locator("[data-field='loras.0.path'] > .field-error")
-    path_error.wait_for(state="visible")
-    assert "at least 1 character" in path_error.inner_text()
-    assert "less than or equal to 4" in page.inner_text("[data-field='loras.0.scale'] > .field-error")
-    page.fill("[data-field='loras.0.scale'] input[type=number]", "0.5")
-    page.fill("[data-field='loras.0.path'] input", "../secret.safetensors")
-    page.click("#run")
-    _wait_js(page, "() => document.querySelector(\"[data-field='loras.0.path'] > .field-error\").textContent"
-                   ".includes('hub id')")
-    assert page.locator("[data-field='loras.0.scale'] > .field-error").is_hidden()
-    shot(page, "422-lora-row")
+    page.wait_for_selector("img.output")
+    _wait_js(page, "() => document.querySelector('img.output').naturalWidth > 0")
+    with_lora = _result_pixels(page, base)
+    assert with_lora.shape == plain.shape == (64, 64, 3) and np.abs(with_lora.astype(int) - plain).mean() > 1.0
+    shot(page, "sdxl-with-lora")
     page.click("[data-field='loras.0'] button:has-text('Remove')")
-    assert page.locator("[data-field='loras.0']").count() == 0
 
     # 6. AuraSR: an input image picked from disk, uploaded through the server's storage route (or inline)
-    key = {"Authorization": f"Key {API_KEY}"}
     has_storage = httpx.post(f"{base}/storage/upload/initiate", headers=key,
                              json={"content_type": "image/png", "file_name": "probe.png"}).status_code == 200
     page.select_option("#endpoint", "fal-ai/aura-sr")
@@ -412,7 +436,6 @@ def test_playground_and_analytics_in_a_browser(served, browser, artifacts) -> No
     shot(page, "aura-sr-result")
 
     # a failed job for the analytics page: one cancelled while it waits behind another
-    http = httpx.Client(base_url=base, headers=key, timeout=60)
     first = http.post("/queue/fal-ai/fast-sdxl", json={"prompt": "x", "num_inference_steps": 12,
                                                         "image_size": {"width": 64, "height": 64}}).json()
     second = http.post("/queue/fal-ai/fast-sdxl", json={"prompt": "y", "num_inference_steps": 2,
@@ -431,12 +454,12 @@ def test_playground_and_analytics_in_a_browser(served, browser, artifacts) -> No
     page.wait_for_selector("section.app canvas")
     api = http.get("/ui/api/analytics", params={"window": 3600}).json()["endpoints"]
     sdxl, aura = api["fal-ai/fast-sdxl"], api["fal-ai/aura-sr"]
-    assert (sdxl["requests"], sdxl["succeeded"], sdxl["failed"]) == (3, 2, 1)  # the 422 never became a job
+    assert (sdxl["requests"], sdxl["succeeded"], sdxl["failed"]) == (4, 3, 1)  # the 422s never became jobs
     assert sdxl["errors_by_type"] == {"cancelled": 1} and sdxl["recent_failures"][0]["request_id"] == second["request_id"]
     assert (aura["requests"], aura["succeeded"]) == (1, 1)
     section = page.locator("section.app[data-app='fal-ai/fast-sdxl']")
-    assert section.locator(".requests").inner_text() == "3"
-    assert section.locator(".success-rate").inner_text() == "66.7%"
+    assert section.locator(".requests").inner_text() == "4"
+    assert section.locator(".success-rate").inner_text() == "75.0%"
     for p in ("p50", "p75", "p90", "p99"):
         cell = section.locator(f"table.percentiles td[data-p={p}]").first.inner_text()
         assert cell != "–" and re.fullmatch(r"[\d.]+ (ms|s|min)", cell), (p, cell)

@@ -164,7 +164,7 @@ function makeField(name, path, rawSchema, root, required, uploader) {
       if (rows.length >= max) return;
       const row = makeObject(itemSchema, root, `${path}.${rows.length}`, uploader);
       row.fieldset = el("fieldset", { class: "row", "data-field": `${path}.${rows.length}` },
-        el("legend", { text: `${title} ${rows.length + 1}` }), row.wrap,
+        el("legend", { text: `${title.replace(/s$/, "")} ${rows.length + 1}` }), row.wrap,
         el("button", { type: "button", class: "small link", text: "Remove", onclick: () => {
           rows.splice(rows.indexOf(row), 1); row.fieldset.remove(); renumber();
         } }));
