@@ -112,6 +112,10 @@ async function loadReport() {
   if (!state.current) return;
   try {
     const body = await getJson(`/ui/api/report?app=${encodeURIComponent(state.current.app_id)}`);
+    if (!body.models.length) {
+      box.replaceChildren(el("p", { class: "muted", text: "No fixed model: each request names its own." }));
+      return;
+    }
     box.replaceChildren(...body.models.map((m) => {
       if (!m.loaded) return el("p", { class: "muted", text: `${m.model}: not loaded yet (the first run loads it).` });
       const r = m.report;
@@ -136,7 +140,8 @@ function choose(appId) {
   state.current = state.endpoints.find((e) => e.app_id === appId) || state.endpoints[0];
   if (!state.current) return;
   $("endpoint").value = state.current.app_id;
-  $("endpoint-models").textContent = `${state.current.task} · served by ${state.current.models.join(", ") || "?"}`;
+  const models = state.current.models.join(", ") || "the model each request names (model_name)";
+  $("endpoint-models").textContent = `${state.current.task} · served by ${models}`;
   state.form = buildForm($("fields"), state.current.input_schema, upload);
   state.lastArgs = state.form.read();
   $("result").replaceChildren();
@@ -214,6 +219,7 @@ async function run(event) {
   state.lastArgs = args;
   renderSnippet();
   $("run").disabled = true;
+  $("result").setAttribute("aria-busy", "true");
   $("progress-box").hidden = false;
   $("progress").value = 0;
   $("progress").removeAttribute("value");  // indeterminate until the first step
@@ -267,6 +273,7 @@ async function run(event) {
       $("form-error").hidden = false;
     }
   } finally {
+    $("result").removeAttribute("aria-busy");
     $("run").disabled = false;
   }
 }

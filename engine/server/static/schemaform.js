@@ -159,7 +159,10 @@ function makeField(name, path, rawSchema, root, required, uploader) {
     const list = el("div", { class: "rows" });
     const max = schema.maxItems ?? Infinity;
     const add = el("button", { type: "button", class: "small", text: `Add ${title.replace(/s$/, "")}` });
-    const renumber = () => rows.forEach((row, i) => { row.index = i; row.fieldset.dataset.field = `${path}.${i}`; });
+    const renumber = () => rows.forEach((row, i) => {
+      row.fieldset.dataset.field = `${path}.${i}`;
+      row.fieldset.querySelector("legend").textContent = `${title.replace(/s$/, "")} ${i + 1}`;
+    });
     add.addEventListener("click", () => {
       if (rows.length >= max) return;
       const row = makeObject(itemSchema, root, `${path}.${rows.length}`, uploader);
