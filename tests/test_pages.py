@@ -415,20 +415,20 @@ def test_playground_and_analytics_in_a_browser(served, browser, artifacts) -> No
     shot(page, "sdxl-with-lora")
     page.click("[data-field='loras.0'] button:has-text('Remove')")
 
-    # 6. AuraSR: an input image picked from disk, uploaded through the server's storage route (or inline)
-    has_storage = httpx.post(f"{base}/storage/upload/initiate", headers=key,
-                             json={"content_type": "image/png", "file_name": "probe.png"}).status_code == 200
+    # 6. AuraSR: an input image picked from disk, uploaded through the server's storage route
     page.select_option("#endpoint", "fal-ai/aura-sr")
     image = artifacts / "input-16.png"
     image.write_bytes(_png(16, 16))
     page.set_input_files("[data-field=image_url] input[type=file]", str(image))
     _wait_js(page, "() => document.querySelector('[data-field=image_url] input[type=url]').value !== ''")
     url = page.input_value("[data-field=image_url] input[type=url]")
-    if has_storage:
-        assert url.startswith(f"{base}/files/"), url
-        assert any(u.endswith("/storage/upload/initiate") for _, u, _ in watch.requests)
-    else:
-        assert url.startswith("data:image/png;base64,"), url[:40]
+    assert url.startswith(f"{base}/files/"), url
+    initiate = [body for m, u, body in watch.requests if m == "POST" and u == f"{base}/storage/upload/initiate"]
+    assert [json.loads(b) for b in initiate] == [{"content_type": "image/png", "file_name": "input-16.png"}]
+    (put,) = [u for m, u, _ in watch.requests if m == "PUT"]
+    assert put.startswith(f"{base}/storage/upload/")
+    stored = httpx.get(url, headers=key, timeout=30)
+    assert stored.status_code == 200 and stored.content == image.read_bytes()
     page.click("#run")
     page.wait_for_selector("img.output")
     _wait_js(page, "() => document.querySelector('img.output').naturalWidth > 0")

@@ -10,22 +10,13 @@ import { buildForm } from "./schemaform.js";
 const state = { endpoints: [], current: null, form: null, lastArgs: {}, lang: "python" };
 const $ = (id) => document.getElementById(id);
 
-// -- uploads: the server's storage route (POST /storage/upload/initiate, then PUT the bytes to the URL it answers);
-// a server without it gets the image inline as a data URI.
+// -- uploads: the server's storage route (POST /storage/upload/initiate, then PUT the bytes to the URL it answers,
+// which is the capability: no key), the same two steps fal's clients take; the form then sends the file URL.
 async function upload(file) {
   const response = await call("/storage/upload/initiate", {
     method: "POST", headers: { "Content-Type": "application/json" },
     body: JSON.stringify({ content_type: file.type || "application/octet-stream", file_name: file.name }),
   });
-  if (response.status === 404 || response.status === 405) {
-    const dataUri = await new Promise((resolve, reject) => {
-      const reader = new FileReader();
-      reader.onload = () => resolve(reader.result);
-      reader.onerror = () => reject(reader.error);
-      reader.readAsDataURL(file);
-    });
-    return { url: dataUri, how: "(inline: this server has no upload route)" };
-  }
   const body = await response.json().catch(() => ({}));
   if (!response.ok) throw new HttpError(response.status, body);
   const put = await fetch(body.upload_url, { method: "PUT", body: file,
