@@ -400,7 +400,7 @@ def create_app(engine: Any, *, api_key: str | None = None, allow_private_urls: b
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"x-fal-request-id": job.id, "cache-control": "no-cache"})
 
-    add_page_routes(app, service, auth=auth, key_required=expected is not None)  # GET /, /analytics
+    add_page_routes(app, service, auth=auth)  # GET /, /analytics and their data routes
     # uploads, status streaming, realtime, webhooks, OpenAI images API (before the catch-all POST below)
     surface = add_surface_routes(app, service, auth=auth, key_ok=key_ok, api_key=api_key, metrics=metrics)
     app.state.surface = surface

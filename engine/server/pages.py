@@ -45,7 +45,7 @@ def _served_models(choice: Any) -> list[str]:
     return [str(choice)] if choice else []
 
 
-def add_page_routes(app: FastAPI, service: Any, *, auth: list[Any], key_required: bool) -> None:
+def add_page_routes(app: FastAPI, service: Any, *, auth: list[Any]) -> None:
     """Register the pages, their static files and their JSON routes on `app`."""
     files = static_files()
     engine = service.engine
@@ -76,7 +76,7 @@ def add_page_routes(app: FastAPI, service: Any, *, auth: list[Any], key_required
                  "loaded": [m for m in _served_models(table.get(spec.app_id)) if m in loaded],
                  "input_schema": spec.schema.model_json_schema(mode="validation")}
                 for spec in sorted(ENDPOINTS.values(), key=lambda s: s.app_id)]
-        return JSONResponse({"endpoints": body, "key_required": key_required})
+        return JSONResponse({"endpoints": body})
 
     @app.get("/ui/api/report", dependencies=auth, include_in_schema=False)
     async def report(app_id: str = Query(alias="app")) -> JSONResponse:
