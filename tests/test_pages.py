@@ -317,8 +317,8 @@ def test_playground_and_analytics_in_a_browser(served, browser, artifacts) -> No
                 slider = field.locator("input[type=range]")
                 assert (float(slider.get_attribute("min")), float(slider.get_attribute("max"))) == (
                     prop["minimum"], prop["maximum"]), (app_id, name)
-        if app_id == "fal-ai/aura-sr":
-            assert page.locator("[data-field='image_url'] input[type=file]").count() == 1
+            if re.search(r"(^|_)(image|mask)_url$", name):  # image inputs: a file picker beside the URL
+                assert field.locator("input[type=file]").count() == 1, (app_id, name)
         shot(page, f"form-{app_id.replace('/', '_')}")
     page.select_option("#endpoint", "fal-ai/fast-sdxl")
     assert page.locator("[data-field=loras] button", has_text="Add").count() == 1

@@ -1,6 +1,7 @@
 // A form built from a JSON schema (pydantic's, as the server validates with): enums as selects, bounded numbers as
-// sliders with their limits, image URL fields as file pickers (uploaded through the server's storage route), arrays
-// of objects (LoRAs) as lists of rows, an enum-or-object union (image_size) as a select with a "custom" choice.
+// sliders with their limits, image URL fields (`*image_url`, `*mask_url`) as file pickers (uploaded through the
+// server's storage route), arrays of objects (LoRAs, ControlNets) as lists of rows, an enum-or-object union
+// (image_size) as a select with a "custom" choice.
 // Each field reads back its value (undefined: leave the argument out, so the server's default applies) and can show
 // an error message beside itself.
 "use strict";
@@ -20,7 +21,7 @@ function label(name, schema) {
 }
 
 function isImageInput(name, schema) {
-  return schema.type === "string" && /(^|_)image_url$|^image$|_image$/.test(name);
+  return schema.type === "string" && /(^|_)(image|mask)_url$/.test(name);
 }
 
 function same(a, b) {
