@@ -48,6 +48,7 @@ from ..service import FalService, job_result, job_status, status_json, wait_chan
 from . import schemas
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
+from .pages import add_page_routes
 from .surface import add_surface_routes, local_inputs
 
 log = logging.getLogger(__name__)
@@ -399,6 +400,7 @@ def create_app(engine: Any, *, api_key: str | None = None, allow_private_urls: b
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"x-fal-request-id": job.id, "cache-control": "no-cache"})
 
+    add_page_routes(app, service, auth=auth)  # GET /, /analytics and their data routes
     # uploads, status streaming, realtime, webhooks, OpenAI images API (before the catch-all POST below)
     surface = add_surface_routes(app, service, auth=auth, key_ok=key_ok, api_key=api_key, metrics=metrics)
     app.state.surface = surface
