@@ -147,3 +147,39 @@ def test_untrusted_callers_cannot_name_local_image_paths(engine, stock, tmp_path
         with pytest.raises(errors.InvalidRequestError) as info:
             engine.generate(model=path, prompt=PROMPT, image=str(file), num_inference_steps=2)
     assert info.value.field == "image"
+
+
+def test_img2img_step_callback_counts_the_strength_steps_and_can_cancel(engine, stock):
+    path, _ = stock["sdxl"]
+    seen = []
+    kw = dict(model=path, prompt=PROMPT, image=random_image(64, 64), strength=0.5, num_inference_steps=6, seed=1)
+    engine.generate(step_callback=lambda i, n, latents: seen.append((i, n, tuple(latents.shape))), **kw)
+    assert [(i, n) for i, n, _ in seen] == [(0, 3), (1, 3), (2, 3)]  # 6 steps at strength 0.5
+    assert seen[0][2] == (1, 4, 8, 8)
+
+    class Stop(Exception):
+        pass
+
+    def cancel(i, n, latents):
+        raise Stop
+
+    with pytest.raises(Stop):
+        engine.generate(step_callback=cancel, **kw)
+
+
+@pytest.mark.parametrize("plan", ["model_offload", "group_offload"])
+def test_img2img_under_offloading_memory_plans(stock, plan):
+    """The VAE encoder and the denoiser behind accelerate / group-offload hooks: the same image as resident."""
+    from engine import Engine
+
+    path, pipe = stock["sd15"]
+    image = random_image(96, 64, seed=2)
+    expected = stock_img2img(pipe, "sd15", image, 0.7, 2, seed=6)
+    eng = Engine(device="cpu", memory_plan=plan)
+    try:
+        got = eng.generate(model=path, prompt=PROMPT, image=image, strength=0.7, num_inference_steps=4,
+                           guidance_scale=5.0, num_images=2, seed=6)
+        assert any(plan in line for line in eng.optimization_report(path).memory_plan)
+    finally:
+        eng.close()
+    assert np.abs(arrays(expected) - arrays(got.images)).max() <= 1
