@@ -125,6 +125,7 @@ def test_img2img_bad_inputs_name_the_field(engine, stock):
         (dict(image=image, strength=-0.1), "strength"),
         (dict(strength=0.5), "strength"),  # no image
         (dict(image=image, strength=0.2), "strength"),  # 0.2 * 2 steps leaves no step (diffusers would raise)
+        (dict(image=image, strength=0.0), "strength"),
         (dict(image="data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n garbage").decode()), "image"),
         (dict(image=b"not an image"), "image"),
         (dict(image=random_image(40, 40)), "image"),  # rounds to 40x40: below the family's minimum size
@@ -135,6 +136,16 @@ def test_img2img_bad_inputs_name_the_field(engine, stock):
         with pytest.raises(errors.InvalidRequestError) as info:
             engine.generate(**kw, **extra)
         assert info.value.field == field, (extra.keys(), info.value)
+
+
+def test_flux_strength_keeps_a_rounded_up_step(engine, stock):
+    """FLUX keeps ceil(steps * strength) steps: 0.3 of 2 steps is one step (SD would run none, and refuses)."""
+    path, pipe = stock["flux"]
+    image = random_image(64, 64, seed=9)
+    expected = stock_img2img(pipe, "flux", image, 0.3, 1, seed=1, steps=2)
+    got = engine.generate(model=path, prompt=PROMPT, image=image, strength=0.3, num_inference_steps=2,
+                          guidance_scale=5.0, seed=1, max_sequence_length=64)
+    assert np.abs(arrays(expected) - arrays(got.images)).max() <= 1
 
 
 def test_untrusted_callers_cannot_name_local_image_paths(engine, stock, tmp_path):
