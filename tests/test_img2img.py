@@ -125,6 +125,7 @@ def test_img2img_bad_inputs_name_the_field(engine, stock):
         (dict(image=image, strength=-0.1), "strength"),
         (dict(strength=0.5), "strength"),  # no image
         (dict(image=image, strength=0.2), "strength"),  # 0.2 * 2 steps leaves no step (diffusers would raise)
+        (dict(image=image, strength=0.0), "strength"),
         (dict(image="data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n garbage").decode()), "image"),
         (dict(image=b"not an image"), "image"),
         (dict(image=random_image(40, 40)), "image"),  # rounds to 40x40: below the family's minimum size
@@ -137,6 +138,16 @@ def test_img2img_bad_inputs_name_the_field(engine, stock):
         assert info.value.field == field, (extra.keys(), info.value)
 
 
+def test_flux_strength_keeps_a_rounded_up_step(engine, stock):
+    """FLUX keeps ceil(steps * strength) steps: 0.3 of 2 steps is one step (SD would run none, and refuses)."""
+    path, pipe = stock["flux"]
+    image = random_image(64, 64, seed=9)
+    expected = stock_img2img(pipe, "flux", image, 0.3, 1, seed=1, steps=2)
+    got = engine.generate(model=path, prompt=PROMPT, image=image, strength=0.3, num_inference_steps=2,
+                          guidance_scale=5.0, seed=1, max_sequence_length=64)
+    assert np.abs(arrays(expected) - arrays(got.images)).max() <= 1
+
+
 def test_untrusted_callers_cannot_name_local_image_paths(engine, stock, tmp_path):
     from engine.loading import CallerPolicy, as_caller
 
@@ -147,3 +158,39 @@ def test_untrusted_callers_cannot_name_local_image_paths(engine, stock, tmp_path
         with pytest.raises(errors.InvalidRequestError) as info:
             engine.generate(model=path, prompt=PROMPT, image=str(file), num_inference_steps=2)
     assert info.value.field == "image"
+
+
+def test_img2img_step_callback_counts_the_strength_steps_and_can_cancel(engine, stock):
+    path, _ = stock["sdxl"]
+    seen = []
+    kw = dict(model=path, prompt=PROMPT, image=random_image(64, 64), strength=0.5, num_inference_steps=6, seed=1)
+    engine.generate(step_callback=lambda i, n, latents: seen.append((i, n, tuple(latents.shape))), **kw)
+    assert [(i, n) for i, n, _ in seen] == [(0, 3), (1, 3), (2, 3)]  # 6 steps at strength 0.5
+    assert seen[0][2] == (1, 4, 8, 8)
+
+    class Stop(Exception):
+        pass
+
+    def cancel(i, n, latents):
+        raise Stop
+
+    with pytest.raises(Stop):
+        engine.generate(step_callback=cancel, **kw)
+
+
+@pytest.mark.parametrize("plan", ["model_offload", "group_offload"])
+def test_img2img_under_offloading_memory_plans(stock, plan):
+    """The VAE encoder and the denoiser behind accelerate / group-offload hooks: the same image as resident."""
+    from engine import Engine
+
+    path, pipe = stock["sd15"]
+    image = random_image(96, 64, seed=2)
+    expected = stock_img2img(pipe, "sd15", image, 0.7, 2, seed=6)
+    eng = Engine(device="cpu", memory_plan=plan)
+    try:
+        got = eng.generate(model=path, prompt=PROMPT, image=image, strength=0.7, num_inference_steps=4,
+                           guidance_scale=5.0, num_images=2, seed=6)
+        assert any(plan in line for line in eng.optimization_report(path).memory_plan)
+    finally:
+        eng.close()
+    assert np.abs(arrays(expected) - arrays(got.images)).max() <= 1
