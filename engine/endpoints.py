@@ -479,7 +479,8 @@ def _renamed(e: InvalidRequestError, renames: Mapping[str, str]) -> InvalidReque
     indexed = _INDEXED.fullmatch(e.field)
     name = renames.get(e.field)
     if name is None and indexed is not None:
-        template = renames.get(f"{indexed['list']}[].{indexed['attr']}") or renames.get(f"{indexed['list']}[]")
+        key = f"{indexed['list']}[].{indexed['attr']}" if indexed["attr"] else f"{indexed['list']}[]"
+        template = renames.get(key)
         name = template.format(i=indexed["i"]) if template is not None else None
     if name is None:
         return e

@@ -163,3 +163,15 @@ def test_creative_upscaler_on_tiny_sd15_with_its_tile_controlnet(fal):
                                                "num_inference_steps": 2, "sync_mode": True})
     assert out["seed"] == 4 and decode(out["image"]).size == (96, 80)
     assert out["timings"]["redraw"] > 0
+
+
+def test_engine_field_errors_are_renamed_to_fal_fields():
+    from engine.endpoints import _CONDITIONING_RENAMES, _renamed
+
+    cases = {"controlnets[1].model": "controlnets.1.path", "controlnets[0].image": "controlnets.0.control_image_url",
+             "controlnets.0.start": "controlnets.0.start_percentage", "controlnets.0.path": "controlnets.0.path",
+             "image": "image_url", "mask_image": "mask_url", "ip_adapter.model": "ip_adapters.0.path",
+             "num_inference_steps": "num_inference_steps"}
+    for engine_field, fal_field in cases.items():
+        renamed = _renamed(errors.InvalidRequestError(engine_field, "bad"), _CONDITIONING_RENAMES)
+        assert renamed.field == fal_field and "bad" in str(renamed)

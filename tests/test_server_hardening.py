@@ -34,13 +34,16 @@ MODELS = {
     "fal-ai/fast-sdxl": "tiny-sdxl", "fal-ai/fast-lightning-sdxl": "tiny-sdxl",
     "fal-ai/stable-diffusion-v1-5": "tiny-sd15", "fal-ai/flux/dev": "tiny-flux", "fal-ai/flux/schnell": "tiny-flux",
     "fal-ai/aura-sr": "tiny-aura-sr",
+    "fal-ai/fast-sdxl/image-to-image": "tiny-sdxl", "fal-ai/fast-sdxl/inpainting": "tiny-sdxl",
+    "fal-ai/flux/dev/image-to-image": "tiny-flux", "fal-ai/flux-general": "tiny-flux",
+    "fal-ai/creative-upscaler": "tiny-sd15",
 }
 SMALL_SIZE = {"width": 64, "height": 64}
 
 
-def _data_uri() -> str:
+def _data_uri(size: tuple[int, int] = (16, 8)) -> str:
     buf = io.BytesIO()
-    Image.new("RGB", (16, 8), (10, 200, 30)).save(buf, format="PNG")
+    Image.new("RGB", size, (10, 200, 30)).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -48,8 +51,13 @@ def base_body(app_id: str) -> dict:
     """A small valid body for each app (what the fuzzer mutates)."""
     if app_id == "fal-ai/aura-sr":
         return {"image_url": _data_uri()}
+    if app_id == "fal-ai/creative-upscaler":
+        return {"image_url": _data_uri((32, 32)), "num_inference_steps": 1}
     body = {"prompt": "a lighthouse", "seed": 1, "image_size": dict(SMALL_SIZE),
             "num_inference_steps": "1" if app_id == "fal-ai/fast-lightning-sdxl" else 1}
+    for name in ("image_url", "mask_url"):  # image-conditioned apps: strength 0.95 of 2 steps runs one
+        if name in ENDPOINTS[app_id].schema.model_fields:
+            body[name], body["num_inference_steps"] = _data_uri((64, 64)), 2
     if app_id == "fal-ai/lora":
         body["model_name"] = "tiny-sd15"
     return body
@@ -237,7 +245,9 @@ def test_unknown_fields_are_ignored_and_never_reach_the_engine(served):
         result = client.get(submitted["response_url"])
         assert result.status_code == 200, result.text[:300]
         image = (result.json().get("images") or [result.json().get("image")])[0]
-        assert image["content_type"] == ("image/png" if app_id == "fal-ai/aura-sr" else "image/jpeg")
+        declared = ENDPOINTS[app_id].schema.model_fields  # the app's default format; upscalers answer PNG
+        fmt = next((declared[k].default for k in ("format", "output_format") if k in declared), "png")
+        assert image["content_type"] == f"image/{fmt}"
 
 
 # -- /openapi.json --------------------------------------------------------------------------------------------------
@@ -264,7 +274,8 @@ def test_openapi_is_valid_and_lists_every_app_with_its_schemas(served):
             assert body == {"$ref": f"#/components/schemas/{name}"}, (path, body)
             assert "422" in operation["responses"] and operation["security"] == [{"FalKey": []}]
         output = doc["paths"][f"/{app_id}"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
-        assert output["$ref"].split("/")[-1] == ("UpscaleOutput" if spec.task == "upscale" else "TextToImageOutput")
+        expected = "TextToImageOutput" if spec.task == "text-to-image" else "UpscaleOutput"  # upscalers: {image}
+        assert output["$ref"].split("/")[-1] == expected
         submit = doc["paths"][f"/queue/{app_id}"]["post"]
         assert submit["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("SubmitResponse")
         assert any(p["name"] == "fal_webhook" for p in submit["parameters"])
