@@ -55,6 +55,9 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     from ..runtime.planner import add_memory_arguments
 
     add_memory_arguments(serve)
+    from ..scaleout.serve import add_scaleout_arguments
+
+    add_scaleout_arguments(serve)
     serve.set_defaults(func=cmd_serve)
     return serve
 
@@ -91,9 +94,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except StateDirLockedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    engine = Engine(device=args.device, opt_level=args.opt_level, allow_private_urls=args.allow_private_urls,
-                    compile_config={"backend": args.backend} if args.backend else None,
-                    **engine_memory_kwargs(args))
+    engine_kwargs = dict(device=args.device, opt_level=args.opt_level, allow_private_urls=args.allow_private_urls,
+                         compile_config={"backend": args.backend} if args.backend else None,
+                         **engine_memory_kwargs(args))
+    from ..scaleout.serve import wants_replicas
+
+    replicas = wants_replicas(args)
+    if replicas:  # the engines run in Ray Serve replicas; this process keeps the one queue and job store
+        from ..scaleout.serve import RayMissingError, config_from_args, queue_for_replicas, require_ray, start_replicas
+
+        try:
+            require_ray()
+            config = config_from_args(args, engine_kwargs)
+        except (RayMissingError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        engine = start_replicas(config)
+        queue_for_replicas(engine, config, state, retention_s=args.retention, max_jobs=args.max_jobs,
+                           max_bytes=args.max_result_bytes)
+    else:
+        engine = Engine(**engine_kwargs)
     app = create_app(engine, api_key=args.api_key, allow_private_urls=args.allow_private_urls,
                      endpoint_overrides=overrides, timeout_s=args.timeout, retention_s=args.retention,
                      files=FileStore(args.files_dir, ttl_s=args.retention) if args.files_dir else None,
@@ -112,4 +132,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
                 log_level=args.log_level, workers=1, timeout_graceful_shutdown=5)
     app.state.service.close(timeout=5.0)  # threads stopped; a durable store keeps queued jobs for the next start
+    if replicas:
+        from ..scaleout.serve import stop_replicas
+
+        stop_replicas()
     return 0
