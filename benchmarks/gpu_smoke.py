@@ -334,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
            "device": _device_name(device), "python": platform.python_version(), "versions": _versions(),
            "steps": steps, "seed": SEED, "thresholds_db": THRESHOLDS_DB, "lora_no_effect_db": LORA_NO_EFFECT_DB,
            "budget_s": args.budget_s, "case_timeout_s": args.case_timeout_s, "elapsed_s": round(elapsed, 1),
-           "counts": counts, "cases": [dataclasses.asdict(c) for c in cases]}
+           "counts": counts, "cases": [dataclasses.asdict(c) for c in cases],
+           "kernels": kernel_figures(device, args.quick)}
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_clean(out), indent=1, default=str) + "\n", encoding="utf-8")
@@ -342,6 +343,18 @@ def main(argv: list[str] | None = None) -> int:
     print(table(cases))
     print(f"\n{counts} in {elapsed:.0f} s on {out['device']}; JSON: {path}")
     return 1 if counts["failed"] or counts["crashed"] else 0
+
+
+def kernel_figures(device: torch.device, quick: bool) -> dict[str, Any]:
+    """benchmarks/kernels.py's figures (engine Triton kernels vs eager and inductor): GPU-only, else the reason."""
+    spec = importlib.util.spec_from_file_location("engine_bench_kernels", Path(__file__).with_name("kernels.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    try:
+        return module.run_kernel_benchmarks(device, quick=quick, iters=20, budget_s=60.0)
+    except Exception as e:  # noqa: BLE001 - a crash is a result here
+        return {"error": f"{type(e).__name__}: {e}"[:300]}
 
 
 def _clean(value: Any) -> Any:

@@ -123,6 +123,27 @@ def _upscale_ids() -> list[str]:
     return sorted(k for k, s in registry().items() if s.family_spec.task == "upscale")
 
 
+# Which diffusers ControlNet classes serve which family, and the config fields that must match the denoiser's.
+_CONTROLNET_FIT: dict[str, tuple[str, tuple[str, ...]]] = {
+    "sd15": ("ControlNetModel", ("cross_attention_dim", "addition_embed_type")),
+    "sdxl": ("ControlNetModel", ("cross_attention_dim", "addition_embed_type")),
+    "flux": ("FluxControlNetModel", ("in_channels", "joint_attention_dim", "pooled_projection_dim")),
+}
+
+
+def check_controlnet_fits(module: Any, family: str, components: dict[str, Any], field: str) -> None:
+    """A ControlNet of another family (or another base model's shape) fails here with a 422, not in the UNet."""
+    cls_name, keys = _CONTROLNET_FIT[family]
+    if type(module).__name__ != cls_name:
+        raise InvalidRequestError(field, f"is a {type(module).__name__}; {family} models take a {cls_name}")
+    denoiser = components["transformer" if family == "flux" else "unet"]
+    for key in keys:
+        theirs, ours = module.config.get(key), denoiser.config.get(key)
+        if theirs != ours:
+            raise InvalidRequestError(field, f"its {key} is {theirs!r}, this {family} model's is {ours!r}: it "
+                                      "belongs to another base model")
+
+
 class Engine:
     """Loads models by id or path and runs text-to-image and upscale jobs on one device. fal's API (`run`, `submit`,
     `subscribe`, `stream`) wraps an engine: `FalService(engine)` (engine/service.py)."""
@@ -354,8 +375,10 @@ class Engine:
             request = parse_request(GenerateRequest, kwargs)
         elif kwargs:
             raise InvalidRequestError("request", "pass either a GenerateRequest or keyword fields, not both")
+        inputs = self._decode_images(request)  # before the model and the device: bad input fails fast
         slot = self._slot(request.model)
-        params = self._resolve(request, slot.loaded)
+        params = self._resolve(request, slot.loaded, inputs)
+        params = self._conditioning(request, slot, params, inputs)
         denoiser = slot.loaded.family.denoiser
         if request.loras and denoiser in slot.exported:
             raise InvalidRequestError("loras", f"the {denoiser} of {request.model} runs as an exported "
@@ -404,8 +427,7 @@ class Engine:
 
     def _run(self, model: str, slot: _Slot, loras: list[Any], params: GenerationParams,
              step_callback: StepCallback | None) -> Any:
-        uses_cfg = getattr(slot.pipeline, "uses_cfg", None) or getattr(slot.pipeline, "uses_true_cfg", None)
-        cfg = bool(uses_cfg(params)) if uses_cfg is not None else False  # the pipeline's rule (LCM UNets: none)
+        cfg = slot.pipeline.uses_cfg(params)  # the pipeline's rule (LCM UNets: none; FLUX: true CFG only)
         for _ in range(3):
             plan, warning = self._planner.for_request(slot.plan, params.width, params.height, params.num_images, cfg)
             if warning:
@@ -495,11 +517,28 @@ class Engine:
             self._last_used[model] = time.monotonic()
             return slot
 
-    def _resolve(self, request: GenerateRequest, loaded: LoadedModel) -> GenerationParams:
-        """Fill defaults from the model's spec and check what depends on the family."""
+    def _resolve(self, request: GenerateRequest, loaded: LoadedModel,
+                 inputs: dict[str, Any] | None = None) -> GenerationParams:
+        """Fill defaults from the model's spec and check what depends on the family. With an image (or a ControlNet
+        image) the size follows it, rounded down to the family's multiple, unless width/height are given."""
         d = loaded.spec.defaults
-        width = request.width if request.width is not None else d.width
-        height = request.height if request.height is not None else d.height
+        inputs = inputs or {}
+        reference = inputs.get("image")
+        if reference is None:
+            reference = next(iter(inputs.get("controls", [])), None)
+        m = loaded.family.size_multiple
+        width = request.width if request.width is not None else (
+            reference.width // m * m if reference is not None else d.width)
+        height = request.height if request.height is not None else (
+            reference.height // m * m if reference is not None else d.height)
+        if reference is not None and (request.width is None or request.height is None):
+            family = loaded.family
+            if not (family.min_size <= width <= family.max_size and family.min_size <= height <= family.max_size):
+                field = "image" if inputs.get("image") is not None else "controlnets[0].image"
+                raise InvalidRequestError(field, f"a {reference.width}x{reference.height} image gives a {width}x"
+                                          f"{height} output, out of range for {family.name}; pass width and height",
+                                          f"{family.min_size}..{family.max_size} after rounding down to a multiple "
+                                          f"of {m}", f"{reference.width}x{reference.height}")
         request.validate_for_family(loaded.family, width, height)
         max_seq = request.max_sequence_length or d.max_sequence_length
         if loaded.family.name == "flux":
@@ -526,6 +565,105 @@ class Engine:
             scheduler=scheduler,
         )
 
+
+    # -- image-conditioned inputs --------------------------------------------------------------------------------
+    # Resolves a ControlNet id/folder/hub id: (source, *, family, torch_dtype, device) -> module. None: the loader in
+    # engine.loading.controlnet. Injectable (tests, embedders with their own model store).
+    controlnet_resolver: Any = None
+
+    def _decode_images(self, request: GenerateRequest) -> dict[str, Any]:
+        """Every image input decoded with the same checks as `upscale` (pixel cap, SSRF guard, local paths only for
+        trusted callers); errors name the field."""
+        from .images import load_image_input
+
+        trusted = caller_policy().trusted
+
+        def load(value: Any, field: str, mode: str) -> Any:
+            image = load_image_input(value, max_pixels=self.max_input_pixels, field=field,
+                                     allow_private_urls=self.allow_private_urls, allow_local_paths=trusted)
+            return image.convert(mode)
+
+        out: dict[str, Any] = {}
+        if request.image is not None:
+            out["image"] = load(request.image, "image", "RGB")
+        if request.mask_image is not None:
+            out["mask_image"] = load(request.mask_image, "mask_image", "L")
+            if out.get("image") is not None and out["mask_image"].size != out["image"].size:
+                raise InvalidRequestError("mask_image", f"is {out['mask_image'].size[0]}x{out['mask_image'].size[1]}"
+                                          f", the image {out['image'].size[0]}x{out['image'].size[1]}: they must "
+                                          "be the same size")
+        out["controls"] = [load(c.image, f"controlnets[{i}].image", "RGB") for i, c in enumerate(request.controlnets)]
+        return out
+
+    def _conditioning(self, request: GenerateRequest, slot: _Slot, params: GenerationParams,
+                      inputs: dict[str, Any]) -> GenerationParams:
+        """Images at the output size, strength checked against the steps, ControlNets resolved and checked against
+        the model; refuses what the compiled model cannot run (exported graphs) with the reason."""
+        from PIL import Image
+
+        from .pipelines.base import ControlInput
+
+        size = (params.width, params.height)
+        image, mask = inputs.get("image"), inputs.get("mask_image")
+        if image is not None and image.size != size:  # as diffusers' VaeImageProcessor.resize (lanczos)
+            image = image.resize(size, Image.Resampling.LANCZOS)
+        if mask is not None and mask.size != size:
+            mask = mask.resize(size, Image.Resampling.LANCZOS)
+        denoiser = slot.loaded.family.denoiser
+        if request.controlnets and denoiser in slot.exported:
+            raise InvalidRequestError("controlnets", f"the {denoiser} of {request.model} runs as an exported "
+                                      f"{slot.exported[denoiser]} graph, whose inputs are fixed at export: it cannot "
+                                      "take ControlNet residuals; load it with backend='torch' to use ControlNets")
+        controls = tuple(
+            ControlInput(model=self._controlnet(c.model, i, slot), image=inputs["controls"][i],
+                         conditioning_scale=c.conditioning_scale, start=c.start, end=c.end)
+            for i, c in enumerate(request.controlnets))
+        params = dataclasses.replace(params, image=image, mask_image=mask, strength=request.strength,
+                                     controls=controls)
+        if "vae" in slot.exported and slot.pipeline.encodes_images(params):
+            field = "image" if image is not None else "controlnets"
+            raise InvalidRequestError(field, f"the VAE of {request.model} runs as an exported "
+                                      f"{slot.exported['vae']} decoder graph, which cannot encode an image; load it "
+                                      "with backend='torch' for this")
+        slot.pipeline.spec(params)  # a mode diffusers has no class for fails here, naming the field
+        if image is not None:
+            strength = request.strength if request.strength is not None else slot.pipeline.default_strength(params)
+            if int(params.num_inference_steps * strength) < 1:
+                raise InvalidRequestError("strength", f"{strength} of {params.num_inference_steps} steps leaves no "
+                                          "denoising step; raise strength or num_inference_steps",
+                                          f"strength * num_inference_steps >= 1", strength)
+        return params
+
+    def _controlnet(self, model: Any, index: int, slot: _Slot) -> torch.nn.Module:
+        """A ControlNet for this model: a module from a trusted caller, or loaded by id/path (cached per engine), in
+        the denoiser's compute dtype on the engine's device."""
+        from .pipelines.base import module_dtype
+
+        field = f"controlnets[{index}].model"
+        family = slot.loaded.family.name
+        dtype = module_dtype(slot.loaded.components[slot.loaded.family.denoiser])
+        if isinstance(model, torch.nn.Module):
+            if not caller_policy().trusted:
+                raise InvalidRequestError(field, "a ControlNet module object is only accepted from trusted callers")
+            module = model
+        elif isinstance(model, str):
+            cache = self.__dict__.setdefault("_controlnets", {})
+            key = (model, family, dtype, caller_policy().trusted)
+            module = cache.get(key)
+            if module is None:
+                resolver = self.controlnet_resolver
+                if resolver is None:
+                    try:
+                        from .loading.controlnet import load_controlnet as resolver
+                    except ImportError:
+                        raise InvalidRequestError(field, "this build has no ControlNet loader "
+                                                  "(engine.loading.controlnet); pass a loaded module") from None
+                module = resolver(model, family=family, torch_dtype=dtype, device=self.device)
+                cache[key] = module
+        else:
+            raise InvalidRequestError(field, f"expected a ControlNet id, path or module, not {type(model).__name__}")
+        check_controlnet_fits(module, slot.loaded.family.name, slot.loaded.components, field)
+        return module.to(device=self.device, dtype=dtype)
 
     def close(self) -> None:
         """Stop the engine's job queue (its threads; a running job ends `interrupted`) and unload every model.

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import InvalidRequestError
 from .families import FamilySpec
@@ -26,8 +26,39 @@ class LoraSpec(BaseModel):
     scale: float = Field(default=1.0, ge=-4.0, le=4.0, allow_inf_nan=False)
 
 
+MAX_CONTROLNETS = 4
+
+
+class ControlNetSpec(BaseModel):
+    """One ControlNet of a job. `model`: a registry id, folder or hub id (resolved for the model's family), or from
+    trusted Python callers a loaded ControlNet module. `image`: any form `load_image_input` takes; it is resized to
+    the output size as diffusers does. `start`/`end`: the fraction of the steps it acts on (diffusers'
+    `control_guidance_start`/`control_guidance_end`)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), arbitrary_types_allowed=True)
+
+    model: Any
+    image: Any
+    conditioning_scale: float = Field(default=1.0, ge=0.0, le=10.0, allow_inf_nan=False)
+    start: float = Field(default=0.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    end: float = Field(default=1.0, ge=0.0, le=1.0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _start_before_end(self) -> "ControlNetSpec":
+        if self.start >= self.end:
+            raise ValueError(f"start ({self.start}) must be below end ({self.end})")
+        if isinstance(self.model, str) and not 0 < len(self.model) <= 4096:
+            raise ValueError("model must be a non-empty id or path of at most 4096 characters")
+        return self
+
+
 class GenerateRequest(BaseModel):
-    """Text-to-image arguments. Fields left as None take the model's defaults (registry)."""
+    """Generation arguments. Fields left as None take the model's defaults (registry).
+
+    Image-conditioned modes: `image` (+ `strength`) is image-to-image; with `mask_image` (white = repaint)
+    inpainting; `controlnets` add ControlNets to any mode. Images take the forms `load_image_input` takes; the
+    output follows `image` (or the first ControlNet image), rounded down to the family's size multiple, unless
+    width/height are given."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -44,6 +75,10 @@ class GenerateRequest(BaseModel):
     true_cfg_scale: float = Field(default=1.0, ge=1.0, le=100.0, allow_inf_nan=False)
     scheduler: str | None = Field(default=None, max_length=64)  # a preset name (engine.schedulers); None: the model's
     loras: list[LoraSpec] = Field(default_factory=list, max_length=MAX_LORAS)
+    image: Any = None
+    strength: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)  # None: diffusers' default
+    mask_image: Any = None
+    controlnets: list[ControlNetSpec] = Field(default_factory=list, max_length=MAX_CONTROLNETS)
 
     @classmethod
     def build(cls, **kwargs: Any) -> "GenerateRequest":
@@ -63,6 +98,10 @@ class GenerateRequest(BaseModel):
                     raise InvalidRequestError(name, f"only applies to FLUX models, not {family.name}")
             if self.true_cfg_scale != 1.0:
                 raise InvalidRequestError("true_cfg_scale", f"only applies to FLUX models; use guidance_scale for {family.name}")
+        if self.mask_image is not None and self.image is None:
+            raise InvalidRequestError("image", "mask_image needs the image to inpaint")
+        if self.strength is not None and self.image is None:
+            raise InvalidRequestError("strength", "only applies with an image (image-to-image or inpainting)")
 
 
 def _field_range(cls: type[BaseModel], name: str) -> str | None:

@@ -68,13 +68,29 @@ FEATURES = [
     Feature("num_images", lambda family, assets: {"num_images": 2}),
     Feature("negative", lambda family, assets: {"negative_prompt": "blurry", **(
         {"true_cfg_scale": 4.0} if family == "flux" else {"guidance_scale": 7.0})}),  # FLUX: true CFG
+    Feature("img2img", lambda family, assets: {"image": assets["image"], "strength": 0.6},
+            refused_when_exported=r"exported onnxruntime decoder graph, which cannot encode an image"),
+    Feature("inpaint", lambda family, assets: {"image": assets["image"], "mask_image": assets["mask"],
+                                               "strength": 0.9},
+            refused_when_exported=r"exported onnxruntime decoder graph, which cannot encode an image"),
+    Feature("controlnet", lambda family, assets: {"controlnets": [
+        {"model": assets["controlnet"][family], "image": assets["control"], "conditioning_scale": 0.8}]},
+            refused_when_exported=r"exported onnxruntime graph, whose inputs are fixed at export: it cannot take "
+                                  r"ControlNet residuals"),
 ]
+# The diffusers class stock_images runs for an image-conditioned feature.
+STOCK_MODES = {
+    ("sdxl", "img2img"): "StableDiffusionXLImg2ImgPipeline", ("flux", "img2img"): "FluxImg2ImgPipeline",
+    ("sdxl", "inpaint"): "StableDiffusionXLInpaintPipeline", ("flux", "inpaint"): "FluxInpaintPipeline",
+    ("sdxl", "controlnet"): "StableDiffusionXLControlNetPipeline", ("flux", "controlnet"): "FluxControlNetPipeline",
+}
 
 # O2 cells CI runs (family, feature, backend): the compiled torch path with the feature this issue fixed (LoRA) and a
 # CFG batch on SDXL; on onnxruntime O2 compiles nothing (the exported graphs are left alone), so those cells are cheap.
 O2_SAMPLE = {
     ("sdxl", "lora", "torch"), ("sdxl", "negative", "torch"), ("flux", "lora", "torch"),
     ("sdxl", "plain", "onnxruntime"), ("flux", "num_images", "onnxruntime"), ("flux", "lora", "onnxruntime"),
+    ("sdxl", "img2img", "torch"), ("flux", "controlnet", "torch"),
 }
 
 
@@ -85,9 +101,16 @@ def in_ci(family: str, feature: str, level: str, backend: str) -> bool:
 # -- the stock side ------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> dict[str, Any]:
+def assets(tmp_path_factory, stock_pipes) -> dict[str, Any]:
+    from test_controlnet import make_controlnet
+    from test_img2img import random_image
+    from test_inpaint import random_mask
+
     d = tmp_path_factory.mktemp("matrix")
-    return {"lora": {f: make_lora(d / f"{f}.safetensors", 5, family=f, strength=2.0) for f in FAMILIES}}
+    return {"lora": {f: make_lora(d / f"{f}.safetensors", 5, family=f, strength=2.0) for f in FAMILIES},
+            "image": random_image(64, 64, seed=1), "mask": random_mask(64, 64, seed=1),
+            "control": random_image(64, 64, seed=2),
+            "controlnet": {f: make_controlnet(stock_pipes[f], f, seed=3) for f in FAMILIES}}
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +130,15 @@ def stock_images(pipe: Any, family: str, request: dict[str, Any]) -> list[Any]:
                               "num_images_per_prompt": request.pop("num_images", 1)}
     loras = request.pop("loras", [])
     scheduler = request.pop("scheduler", None)
+    mode, extra_components = None, {}
+    if "image" in request:
+        mode = "inpaint" if "mask_image" in request else "img2img"
+        kwargs.update({k: request.pop(k) for k in ("image", "mask_image", "strength") if k in request})
+    if "controlnets" in request:
+        (control,) = request.pop("controlnets")
+        mode, extra_components = "controlnet", {"controlnet": control["model"]}
+        kwargs["image" if family == "sdxl" else "control_image"] = control["image"]
+        kwargs["controlnet_conditioning_scale"] = control.get("conditioning_scale", 1.0)
     passthrough = {"prompt", "negative_prompt", "width", "height", "num_inference_steps", "guidance_scale"}
     passthrough |= {"true_cfg_scale", "max_sequence_length"} if family == "flux" else set()
     unknown = set(request) - passthrough
@@ -121,6 +153,12 @@ def stock_images(pipe: Any, family: str, request: dict[str, Any]) -> list[Any]:
         if loras:
             pipe.set_adapters([f"l{i}" for i in range(len(loras))],
                               adapter_weights=[lo.get("scale", 1.0) for lo in loras])
+        if mode is not None:
+            target = getattr(diffusers, STOCK_MODES[family, mode]).from_pipe(pipe, **extra_components)
+            target.set_progress_bar_config(disable=True)
+            if mode == "img2img" and family == "sdxl":  # the class follows the image's size
+                kwargs.pop("width"), kwargs.pop("height")
+            return target(**kwargs).images
         return pipe(**kwargs).images
     finally:
         pipe.scheduler = original

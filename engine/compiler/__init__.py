@@ -15,6 +15,7 @@ from .compile import apply_compile, apply_cuda_graphs
 from .config import CompileConfig, config_for_level, level_names, resolve_config
 from .context import PassContext
 from .dtype import apply_dtype
+from .kernels import apply_kernels_pass
 from .layout import apply_channels_last, apply_fuse_qkv
 from .lora_slots import apply_lora_slots
 from .plan_rules import fit_config_to_plan
@@ -22,9 +23,10 @@ from .prompt_cache import PromptCache, apply_prompt_cache
 from .quant import apply_quant
 from .report import OptimizationReport, PassResult
 
-# Order matters: dtype before everything; fusing before quantizing; the export backend after every pass that changes
-# the modules it exports (and it reports a quantized or cached denoiser as staying on torch); compile last (it
-# captures the final modules, and leaves the exported ones alone).
+# Order matters: dtype before everything; fusing before quantizing; the kernels after every pass that rewrites
+# projections (the LoRA slots may unfuse q/k/v) and before placement, export and compile; the export backend after
+# every pass that changes the modules it exports (and it reports a quantized or cached denoiser as staying on torch);
+# compile last (it captures the final modules, and leaves the exported ones alone).
 PASSES: list[Callable[[PassContext], None]] = [
     apply_dtype,
     apply_fuse_qkv,
@@ -33,6 +35,7 @@ PASSES: list[Callable[[PassContext], None]] = [
     apply_quant,
     apply_cache,
     apply_lora_slots,
+    apply_kernels_pass,
     apply_backend,
     apply_cuda_graphs,
     apply_compile,

@@ -38,6 +38,9 @@ class CompileConfig(BaseModel):
     attention_allow_lossy: bool = False  # "auto" may pick SageAttention (int8 Q/K: lossy); only O3 allows it
     fuse_qkv: bool = False
     channels_last: bool = False
+    # engine/kernels Triton ops (GroupNorm+SiLU, LayerNorm+adaLN, RMSNorm+RoPE) swapped into the denoiser and VAE;
+    # "auto": on CUDA. True forces them (on a CPU only under TRITON_INTERPRET=1: tests)
+    kernels: Toggle = False
     cache: Cache = "none"
     cache_threshold: float = Field(default=0.08, gt=0.0, le=1.0)
     quant: Quant = "none"

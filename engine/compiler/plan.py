@@ -7,7 +7,8 @@ passes read the plan (`plan_of(ctx)`) and report from it.
 The rules, each a table below:
 - dtype: bf16 only where the hardware has it natively (CUDA >= 8.0), fp16 below (`best_half_dtype`).
 - attention: per architecture, the fastest kernels first (Hopper: FA3, cuDNN; Ampere/Ada: FA2, cuDNN), SageAttention
-  (int8 Q/K: lossy) only when the config allows lossy attention (O3).
+  (int8 Q/K: lossy) only when the config allows lossy attention (O3); xFormers first before Ampere (no FlashAttention
+  there) and ahead of plain SDPA elsewhere, where it is installed and no fullgraph compile is planned.
 - quant: fp8 (torchao dynamic float8) needs >= 8.9; it runs before compile (see PASSES in __init__.py).
 - step cache: its threshold is raised under fp8, whose noise alone moves the first block's residual.
 - CUDA graphs only around the whole denoiser, compiled with `fullgraph=True, dynamic=False` (one graph per
@@ -16,6 +17,7 @@ The rules, each a table below:
   pytorch#152887) and never with the step cache (its residuals, kept across steps, are graph outputs that the next
   replay overwrites). Regional compile uses a mode without CUDA graphs.
 - inductor flags (flux-fast's recipe) only on CUDA, applied in a scope around the compiled calls, never globally.
+- kernels (engine/kernels Triton ops): "auto" on CUDA only; whether triton is installed is the pass's to check.
 """
 
 from __future__ import annotations
@@ -47,14 +49,17 @@ ATTENTION_KERNELS: dict[str, AttentionKernel] = {k.name: k for k in (
     AttentionKernel("_flash_3_hub", (9, 0)),  # FA3 from the kernels hub (needs a download: never "installed" here)
     AttentionKernel("_native_cudnn", (8, 0)),  # cuDNN SDPA: on Hopper about as fast as FA3
     AttentionKernel("flash", (8, 0)),  # FlashAttention 2
+    # xFormers' memory-efficient (cutlass) kernels, fp32 included: the memory-efficient attention of GPUs before
+    # Ampere, where FlashAttention does not run; its Python dispatch breaks graphs under torch.compile (xformers#765)
+    AttentionKernel("xformers", (5, 0), half_only=False, fullgraph_ok=False),
     AttentionKernel("native", (0, 0), half_only=False),  # PyTorch SDPA: picks its own kernel
 )}
 
 # "auto" tries these in order: the row of the highest capability the device reaches.
 ATTENTION_ORDER: list[tuple[tuple[int, int], tuple[str, ...]]] = [
-    ((9, 0), ("sage", "_flash_3", "_flash_3_hub", "_native_cudnn", "flash", "native")),  # Hopper
-    ((8, 0), ("sage", "flash", "_native_cudnn", "native")),  # Ampere, Ada
-    ((0, 0), ("native",)),  # Turing and older: SDPA's memory-efficient kernel
+    ((9, 0), ("sage", "_flash_3", "_flash_3_hub", "_native_cudnn", "flash", "xformers", "native")),  # Hopper
+    ((8, 0), ("sage", "flash", "_native_cudnn", "xformers", "native")),  # Ampere, Ada
+    ((0, 0), ("xformers", "native")),  # Turing and older: xFormers where installed, else SDPA's memory-efficient
 ]
 
 
@@ -195,6 +200,8 @@ class CompilePlan:
     recompile_limit: int
     inductor_flags: Mapping[str, Any] = field(default_factory=dict)
     autotune_note: str = ""
+    kernels: bool = False  # swap in the engine's Triton kernels (engine/compiler/kernels.py)
+    kernels_note: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -235,6 +242,17 @@ def _graphs(config: CompileConfig, caps: DeviceCaps, cache: str | None) -> tuple
                   f"{config.recompile_limit} (recompile_limit), further resolutions run eagerly")
 
 
+def choose_kernels(setting: Any, caps: DeviceCaps) -> tuple[bool, str]:
+    """Whether the kernels pass swaps in the Triton kernels, and why (not)."""
+    if setting is False:
+        return False, "disabled in config"
+    if setting is True:
+        return True, "forced on in config"
+    if caps.is_cuda:
+        return True, f"auto on {caps.describe()}"
+    return False, f"auto: device is {caps.type} (the Triton kernels run on CUDA; force with kernels=True)"
+
+
 def plan_compilation(config: CompileConfig, caps: DeviceCaps, family: FamilySpec | str, *,
                      step_cache_hooks: bool | None = None) -> CompilePlan:
     """Every pass decision for `config` on a device with `caps`, for a model of `family`.
@@ -258,6 +276,7 @@ def plan_compilation(config: CompileConfig, caps: DeviceCaps, family: FamilySpec
     else:
         attention, passed = "native", (f"{config.attention}: not available here",)
 
+    kernels, kernels_note = choose_kernels(config.kernels, caps)
     explicit = MODE_TRAITS.get(config.compile_mode) if config.compile_mode else None
     dynamic = False if graphs else config.compile_dynamic
     autotune_wanted = explicit[1] if explicit else (config.compile_autotune and caps.is_cuda)
@@ -281,6 +300,7 @@ def plan_compilation(config: CompileConfig, caps: DeviceCaps, family: FamilySpec
         inductor_flags=dict(INDUCTOR_FLAGS_CUDA) if (caps.is_cuda and config.inductor_tuning and config.compile)
         else {},
         autotune_note=autotune_note,
+        kernels=kernels, kernels_note=kernels_note,
     )
 
 

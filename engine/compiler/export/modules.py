@@ -8,6 +8,7 @@ class labels) raise instead of being dropped. The module is bound to the device 
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 from typing import Any, Protocol
 
@@ -75,6 +76,14 @@ class ExportedModule(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.spec.component} on {self.runner.description}, {self.dtype}"
+
+    # What diffusers' pipelines read from a denoiser besides its config: no IP-Adapter projection, no step cache.
+    encoder_hid_proj = None
+    is_cache_enabled = False
+
+    def cache_context(self, name: str) -> Any:
+        """diffusers' FLUX pipelines name each branch for step-cache hooks; an exported graph has none."""
+        return contextlib.nullcontext()
 
 
 def _batched(value: Any, batch: int, device: torch.device) -> torch.Tensor:
