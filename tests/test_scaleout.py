@@ -140,3 +140,68 @@ def test_nothing_in_engine_imports_ray_at_import_time():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False"
+
+
+# -- batching on a real engine (no Ray): fewer denoiser calls, each image its unbatched twin ------------------------
+def _count_denoiser_calls(engine, model):
+    slot = engine._slot(model)
+    denoiser = slot.pipeline.denoiser()
+    calls = []
+    handle = denoiser.register_forward_hook(lambda *_: calls.append(1))
+    return calls, handle
+
+
+@pytest.mark.parametrize("model", ["tiny-sd15", "tiny-flux"])
+def test_eight_concurrent_same_shape_requests_batch_into_fewer_model_calls(engine, model):
+    from conftest import images_close
+
+    requests = [GenerateRequest(model=model, prompt=f"a lighthouse {i}", width=64, height=64,
+                                num_inference_steps=2, seed=100 + i) for i in range(8)]
+    calls, hook = _count_denoiser_calls(engine, model)
+    try:
+        singles = [engine.generate(r) for r in requests]
+        per_request = len(calls) // 8  # 2 steps: 2 denoiser calls (PNDM's first step takes 2)
+        calls.clear()
+        async def main():
+            batcher = KeyedBatcher(engine.generate_batch, BatchConfig(max_batch_size=8, max_wait_s=0.2))
+            out = await asyncio.gather(*(batcher.submit(batch_key(r), r) for r in requests))
+            return out, batcher.batches
+
+        batched, sizes = asyncio.run(main())
+    finally:
+        hook.remove()
+    assert sizes == [8]
+    assert len(calls) == per_request and per_request * 8 > len(calls)  # the eight share each denoiser call
+    for single, result in zip(singles, batched):
+        assert result.seed == single.seed and result.extra["batch_size"] == 8
+        ok, frac = images_close(result.images, single.images)
+        assert ok, frac
+
+
+def test_different_shapes_never_batch_and_each_matches(engine):
+    from conftest import images_close
+
+    requests = [GenerateRequest(model="tiny-sd15", prompt="x", width=64, height=64 + 32 * (i % 2),
+                                num_inference_steps=2 + (i % 4 == 3), seed=i) for i in range(8)]
+
+    async def main():
+        batcher = KeyedBatcher(engine.generate_batch, BatchConfig(max_batch_size=8, max_wait_s=0.2))
+        out = await asyncio.gather(*(batcher.submit(batch_key(r), r) for r in requests))
+        return out, batcher.batches
+
+    batched, sizes = asyncio.run(main())
+    assert sorted(sizes) == [2, 2, 4]  # (64x64, 2 steps) x4; (64x96, 2 steps) x2; (64x96, 3 steps) x2
+    for request, result in zip(requests, batched):
+        assert result.images[0].size == (request.width, request.height)
+        assert result.num_inference_steps == request.num_inference_steps
+        ok, frac = images_close(result.images, engine.generate(request).images)
+        assert ok, frac
+
+
+def test_a_batch_with_a_bad_request_gives_each_its_own_outcome(engine):
+    good = GenerateRequest(model="tiny-sd15", prompt="ok", width=64, height=64, num_inference_steps=2, seed=1)
+    bad = GenerateRequest(model="tiny-sd15", prompt="bad", width=64, height=64, num_inference_steps=2, seed=2,
+                          scheduler="no-such-scheduler")
+    out = engine.generate_batch([good, bad])
+    assert out[0].images[0].size == (64, 64)
+    assert isinstance(out[1], Exception) and "scheduler" in str(out[1])
