@@ -195,3 +195,27 @@ def test_adapter_sets_route_back_to_the_replica_that_holds_them(cluster, tmp_pat
         run("ab"[i % 2], i)
     after = cluster.remote.placements[start + 2:]
     assert len(after) == 6 and all(home[key] == replica for key, replica in after), (home, after)
+
+
+def test_batching_on_a_replica_runs_fewer_model_calls_with_equal_images(cluster, local_service):
+    """Redeploys the app as 1 replica batching up to 8 (last in this module): 8 concurrent same-shape requests."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engine.requests import GenerateRequest
+    from engine.scaleout.batching import BatchConfig
+    from engine.scaleout.serve import ScaleoutConfig, start_replicas
+
+    config = ScaleoutConfig(replicas=1, num_cpus=0.5, batching=BatchConfig(max_batch_size=8, max_wait_s=0.5),
+                            engine_kwargs={"device": "cpu"}, preload=("tiny-sd15",))
+    remote = start_replicas(config)
+    requests = [GenerateRequest(model="tiny-sd15", prompt=f"boat {i}", width=64, height=64, num_inference_steps=2,
+                                seed=50 + i) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(remote.generate, requests))
+    sizes = [r.extra.get("batch_size", 1) for r in results]
+    batches = sum(1 / s for s in sizes)
+    assert max(sizes) > 1 and batches < 8, sizes
+    for request, result in zip(requests, results):
+        want = local_service.engine.generate(request)
+        ok, frac = images_close(result.images, want.images)
+        assert ok and result.seed == request.seed, frac
