@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+# benchmarks/ off the path: its kernels.py would shadow Hugging Face's `kernels` (which diffusers imports), here and
+# in the Ray workers (Ray copies the driver's script directory onto their sys.path when the driver has it)
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 sys.path.insert(0, str(ROOT))
 
 APP = "fal-ai/stable-diffusion-v1-5"

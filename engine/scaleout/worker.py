@@ -86,9 +86,14 @@ class EngineWorker:
                 "adapter_sets": list(self.adapter_sets), "loaded": self.engine.loaded_models()}
 
     def check_health(self) -> None:
-        """Serve's periodic health check: a closed engine (or one that cannot answer) fails it and the replica is
-        replaced."""
+        """Serve's periodic health check: the engine answers and its device runs a kernel (a lost or wedged GPU
+        raises here); a failing replica is replaced."""
+        import torch
+
         self.engine.loaded_models()
+        probe = torch.ones(1, device=self.engine.device) + 1
+        if float(probe.sum()) != 2.0:
+            raise RuntimeError(f"device {self.engine.device} computes wrong results")
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)
