@@ -118,6 +118,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      endpoint_overrides=overrides, timeout_s=args.timeout, retention_s=args.retention,
                      files=FileStore(args.files_dir, ttl_s=args.retention) if args.files_dir else None,
                      state_dir=state, max_jobs=args.max_jobs, max_bytes=args.max_result_bytes)
+    if replicas:  # on uvicorn's shutdown (it re-raises SIGTERM after it, so code after `run` may never run)
+        from ..scaleout.serve import stop_replicas
+
+        app.router.on_shutdown.append(stop_replicas)
     # HTTP callers are untrusted (create_app): registry or hub ids only, never local paths.
     app.state.service.allow_models = frozenset(args.allow_model)
     app.state.service.allow_hub_downloads = args.allow_hub_downloads
@@ -132,8 +136,4 @@ def cmd_serve(args: argparse.Namespace) -> int:
     uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
                 log_level=args.log_level, workers=1, timeout_graceful_shutdown=5)
     app.state.service.close(timeout=5.0)  # threads stopped; a durable store keeps queued jobs for the next start
-    if replicas:
-        from ..scaleout.serve import stop_replicas
-
-        stop_replicas()
     return 0
