@@ -219,3 +219,20 @@ def test_batching_on_a_replica_runs_fewer_model_calls_with_equal_images(cluster,
         want = local_service.engine.generate(request)
         ok, frac = images_close(result.images, want.images)
         assert ok and result.seed == request.seed, frac
+
+
+def test_deployment_options_fixed_and_autoscaling():
+    """Replica bounds become Serve options: equal bounds a fixed count, different ones an autoscaling config; the
+    ingress queue takes as many jobs at once as the replicas (times the batch size) can."""
+    from engine.scaleout.batching import BatchConfig
+    from engine.scaleout.serve import ScaleoutConfig
+    from engine.scaleout.worker import deployment
+
+    fixed = deployment(replicas=2, min_replicas=None, max_replicas=None, num_gpus=1, num_cpus=2, max_ongoing=1)
+    assert fixed.num_replicas == 2 and fixed.ray_actor_options["num_gpus"] == 1
+    assert fixed._deployment_config.health_check_period_s == 5.0
+    auto = deployment(replicas=2, min_replicas=1, max_replicas=4, num_gpus=1, num_cpus=2, max_ongoing=8)
+    scaling = auto._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.initial_replicas) == (1, 4, 2)
+    assert ScaleoutConfig(replicas=2).in_flight == 2
+    assert ScaleoutConfig(replicas=2, max_replicas=4, batching=BatchConfig(8)).in_flight == 32
