@@ -9,6 +9,7 @@ The official client needs https: give a certificate (and trust its CA on the cli
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -62,6 +63,23 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     return serve
 
 
+def _preload_models(table: Any) -> list[str]:
+    """The text-to-image models the endpoint table serves that are available offline (what --preload loads)."""
+    from ..endpoints import ENDPOINTS
+    from ..loading import available_offline
+    from ..registry import find_spec
+
+    models: list[str] = []
+    for app_id in ENDPOINTS:
+        model = table.model_for(app_id)
+        spec = find_spec(model) if model else None
+        if spec is not None and spec.family_spec.task == "text-to-image" and available_offline(spec):
+            if model not in models:
+                log.info("preloading %s for %s", model, app_id)
+                models.append(model)
+    return models
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401
@@ -73,9 +91,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from ..api import Engine
     from ..runtime.planner import engine_memory_kwargs
-    from ..endpoints import ENDPOINTS, parse_override
-    from ..loading import available_offline
-    from ..registry import find_spec
+    from ..endpoints import parse_override
     from ..runtime.files import FileStore
     from .app import create_app
 
@@ -106,6 +122,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         try:
             require_ray()
             config = config_from_args(args, engine_kwargs)
+            if args.preload:
+                from ..endpoints import EndpointTable
+
+                config = dataclasses.replace(config, preload=tuple(_preload_models(EndpointTable(overrides))))
         except (RayMissingError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -125,14 +145,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # HTTP callers are untrusted (create_app): registry or hub ids only, never local paths.
     app.state.service.allow_models = frozenset(args.allow_model)
     app.state.service.allow_hub_downloads = args.allow_hub_downloads
-    if args.preload:
-        table = app.state.service.table
-        for app_id in ENDPOINTS:
-            model = table.model_for(app_id)
-            spec = find_spec(model) if model else None
-            if spec is not None and spec.family_spec.task == "text-to-image" and available_offline(spec):
-                log.info("preloading %s for %s", model, app_id)
-                engine.load(model)
+    if args.preload and not replicas:  # replicas preload at start (each its own engine)
+        for model in _preload_models(app.state.service.table):
+            engine.load(model)
     uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
                 log_level=args.log_level, workers=1, timeout_graceful_shutdown=5)
     app.state.service.close(timeout=5.0)  # threads stopped; a durable store keeps queued jobs for the next start
