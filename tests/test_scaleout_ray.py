@@ -197,6 +197,23 @@ def test_adapter_sets_route_back_to_the_replica_that_holds_them(cluster, tmp_pat
     assert len(after) == 6 and all(home[key] == replica for key, replica in after), (home, after)
 
 
+def test_engine_errors_in_a_replica_keep_their_type(cluster):
+    """An error the replica's engine raises on purpose reaches the ingress as that error (422 invalid_request),
+    not as a wrapped Ray task error."""
+    from engine.errors import EngineError
+    from engine.requests import GenerateRequest
+    from engine.server.app import error_body
+
+    _wait_replicas(2)
+    request = GenerateRequest(model="tiny-sd15", prompt="x", width=64, height=64, num_inference_steps=2,
+                              scheduler="no-such-scheduler")
+    with pytest.raises(EngineError) as info:
+        cluster.remote.generate(request)
+    error = info.value
+    assert (error.error_type, error.http_status) == ("invalid_request", 422) and "scheduler" in str(error)
+    body = error_body(error)
+    assert body["error_type"] == "invalid_request" and body["detail"][0]["loc"][:2] == ["body", "scheduler"]
+
 def test_batching_on_a_replica_runs_fewer_model_calls_with_equal_images(cluster, local_service):
     """Redeploys the app as 1 replica batching up to 8 (last in this module): 8 concurrent same-shape requests."""
     from concurrent.futures import ThreadPoolExecutor

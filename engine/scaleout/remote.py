@@ -12,7 +12,7 @@ import collections
 import threading
 from typing import Any, Callable
 
-from ..errors import EngineError, ReplicaDiedError
+from ..errors import EngineError, ReplicaDiedError, RestoredJobError
 from ..requests import GenerateRequest, Result, parse_request
 from ..runtime.queue import JobContext, current_job
 from .keys import adapter_key
@@ -58,7 +58,7 @@ class RemoteEngine:
 
     def load(self, model: str, **_: Any) -> _Loaded:
         if model not in self._families:
-            self._families[model] = self._wait(self.handle.family.remote(model), count=False)
+            self._families[model] = self._wait(self.handle.family.remote(model), count=False)["result"]
         return _Loaded(self._families[model])
 
     def loaded_models(self) -> list[str]:
@@ -93,6 +93,8 @@ class RemoteEngine:
                 except BaseException:
                     response.cancel()
                     raise
+        if isinstance(out, dict) and "error" in out:  # an engine error, sent as data: same type, status and body
+            raise RestoredJobError(out["error"])
         if count and isinstance(out, dict) and "replica" in out:
             with self._lock:
                 self.per_replica[out["replica"]] += 1

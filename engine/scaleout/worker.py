@@ -15,7 +15,9 @@ from typing import Any
 
 from ray import serve
 
+from ..errors import EngineError
 from ..requests import GenerateRequest
+from ..runtime.queue import error_record
 from .batching import BatchConfig, KeyedBatcher
 from .keys import batch_key
 
@@ -57,11 +59,14 @@ class EngineWorker:
     async def generate(self, request: GenerateRequest) -> dict[str, Any]:
         key = await self._route_in()
         self.calls += 1
-        if self._batcher is not None:
-            result = await self._batcher.submit(batch_key(request), request)
-        else:
-            self.model_calls += 1
-            result = await asyncio.to_thread(self.engine.generate, request)
+        try:
+            if self._batcher is not None:
+                result = await self._batcher.submit(batch_key(request), request)
+            else:
+                self.model_calls += 1
+                result = await asyncio.to_thread(self.engine.generate, request)
+        except EngineError as e:  # as data: engine errors take required arguments and do not unpickle
+            return {"error": error_record(e), "replica": self.replica, "pid": self.pid, "adapters": key}
         return {"result": result, "replica": self.replica, "pid": self.pid, "adapters": key,
                 "model_calls": self.model_calls}
 
@@ -74,11 +79,17 @@ class EngineWorker:
     async def upscale(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         self.calls += 1
         self.model_calls += 1
-        result = await asyncio.to_thread(lambda: self.engine.upscale(**kwargs))
+        try:
+            result = await asyncio.to_thread(lambda: self.engine.upscale(**kwargs))
+        except EngineError as e:
+            return {"error": error_record(e), "replica": self.replica, "pid": self.pid, "adapters": ""}
         return {"result": result, "replica": self.replica, "pid": self.pid, "adapters": ""}
 
-    async def family(self, model: str) -> str:
-        return (await asyncio.to_thread(self.engine.load, model)).family.name
+    async def family(self, model: str) -> dict[str, Any]:
+        try:
+            return {"result": (await asyncio.to_thread(self.engine.load, model)).family.name}
+        except EngineError as e:
+            return {"error": error_record(e)}
 
     async def stats(self) -> dict[str, Any]:
         return {"replica": self.replica, "pid": self.pid, "calls": self.calls, "model_calls": self.model_calls,
