@@ -214,6 +214,23 @@ def test_engine_errors_in_a_replica_keep_their_type(cluster):
     body = error_body(error)
     assert body["error_type"] == "invalid_request" and body["detail"][0]["loc"][:2] == ["body", "scheduler"]
 
+def test_the_callers_policy_travels_to_the_replica(cluster, tmp_path):
+    """Model and LoRA resolution in a replica sees the ingress caller's policy: an untrusted caller's local LoRA
+    path is refused there (422) exactly as in the single-process server; a trusted caller's is loaded."""
+    from engine.errors import EngineError
+    from engine.loading import CallerPolicy, as_caller
+    from engine.requests import GenerateRequest
+    from test_lora import make_lora
+
+    path = str(make_lora(tmp_path / "c.safetensors", 13, family="sd15"))
+    request = GenerateRequest(model="tiny-sd15", prompt="x", width=64, height=64, num_inference_steps=2, seed=1,
+                              loras=[{"path": path}])
+    with as_caller(CallerPolicy(trusted=False)), pytest.raises(EngineError) as info:
+        cluster.remote.generate(request)
+    assert (info.value.error_type, info.value.http_status) == ("refused_source", 422)
+    assert "loras.0.path" in str(info.value)
+    assert cluster.remote.generate(request).images[0].size == (64, 64)
+
 def test_batching_on_a_replica_runs_fewer_model_calls_with_equal_images(cluster, local_service):
     """Redeploys the app as 1 replica batching up to 8 (last in this module): 8 concurrent same-shape requests."""
     from concurrent.futures import ThreadPoolExecutor

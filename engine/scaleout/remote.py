@@ -13,6 +13,7 @@ import threading
 from typing import Any, Callable
 
 from ..errors import EngineError, ReplicaDiedError, RestoredJobError
+from ..loading import caller_policy
 from ..requests import GenerateRequest, Result, parse_request
 from ..runtime.queue import JobContext, current_job
 from .keys import adapter_key
@@ -48,17 +49,18 @@ class RemoteEngine:
             request = parse_request(GenerateRequest, kwargs)
         key = adapter_key(request)
         method = self.handle.generate.options(multiplexed_model_id=key) if key else self.handle.generate
-        out = self._wait(method.remote(request))
+        out = self._wait(method.remote(request, caller_policy()))  # the replica resolves as this caller may
         with self._lock:
             self.placements.append((key, out["replica"]))
         return out["result"]
 
     def upscale(self, image: Any = None, **kwargs: Any) -> Any:
-        return self._wait(self.handle.upscale.remote({"image": image, **kwargs}))["result"]
+        return self._wait(self.handle.upscale.remote({"image": image, **kwargs}, caller_policy()))["result"]
 
     def load(self, model: str, **_: Any) -> _Loaded:
         if model not in self._families:
-            self._families[model] = self._wait(self.handle.family.remote(model), count=False)["result"]
+            self._families[model] = self._wait(self.handle.family.remote(model, caller_policy()),
+                                               count=False)["result"]
         return _Loaded(self._families[model])
 
     def loaded_models(self) -> list[str]:

@@ -16,6 +16,7 @@ from typing import Any
 from ray import serve
 
 from ..errors import EngineError
+from ..loading import TRUSTED, CallerPolicy, as_caller
 from ..requests import GenerateRequest
 from ..runtime.queue import error_record
 from .batching import BatchConfig, KeyedBatcher
@@ -56,38 +57,49 @@ class EngineWorker:
         return key
 
     # -- work -----------------------------------------------------------------------------------------------------
-    async def generate(self, request: GenerateRequest) -> dict[str, Any]:
+    async def generate(self, request: GenerateRequest, caller: CallerPolicy = TRUSTED) -> dict[str, Any]:
+        """`caller`: the ingress caller's policy (an HTTP caller is untrusted), applied to model and LoRA
+        resolution here as in a single-process server; only same-policy requests batch together."""
         key = await self._route_in()
         self.calls += 1
         try:
             if self._batcher is not None:
-                result = await self._batcher.submit(batch_key(request), request)
+                result = await self._batcher.submit((batch_key(request), caller), (request, caller))
             else:
                 self.model_calls += 1
-                result = await asyncio.to_thread(self.engine.generate, request)
+                result = await asyncio.to_thread(self._as(caller, self.engine.generate), request)
         except EngineError as e:  # as data: engine errors take required arguments and do not unpickle
             return {"error": error_record(e), "replica": self.replica, "pid": self.pid, "adapters": key}
         return {"result": result, "replica": self.replica, "pid": self.pid, "adapters": key,
                 "model_calls": self.model_calls}
 
-    def _run_batch(self, requests: list[GenerateRequest]) -> list[Any]:
+    def _run_batch(self, items: list[tuple[GenerateRequest, CallerPolicy]]) -> list[Any]:
         from .batched import generate_batch
 
         self.model_calls += 1
-        return generate_batch(self.engine, requests)
+        with as_caller(items[0][1]):  # one policy per batch (it is part of the batch key)
+            return generate_batch(self.engine, [request for request, _ in items])
 
-    async def upscale(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+    @staticmethod
+    def _as(caller: CallerPolicy, fn: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with as_caller(caller):
+                return fn(*args, **kwargs)
+
+        return run
+
+    async def upscale(self, kwargs: dict[str, Any], caller: CallerPolicy = TRUSTED) -> dict[str, Any]:
         self.calls += 1
         self.model_calls += 1
         try:
-            result = await asyncio.to_thread(lambda: self.engine.upscale(**kwargs))
+            result = await asyncio.to_thread(self._as(caller, lambda: self.engine.upscale(**kwargs)))
         except EngineError as e:
             return {"error": error_record(e), "replica": self.replica, "pid": self.pid, "adapters": ""}
         return {"result": result, "replica": self.replica, "pid": self.pid, "adapters": ""}
 
-    async def family(self, model: str) -> dict[str, Any]:
+    async def family(self, model: str, caller: CallerPolicy = TRUSTED) -> dict[str, Any]:
         try:
-            return {"result": (await asyncio.to_thread(self.engine.load, model)).family.name}
+            return {"result": (await asyncio.to_thread(self._as(caller, self.engine.load), model)).family.name}
         except EngineError as e:
             return {"error": error_record(e)}
 
