@@ -450,13 +450,11 @@ def _spread(values: list[float]) -> str:
 def engine_markdown(report: dict[str, Any]) -> str:
     gb = lambda b: f"{b / GIB:.2f}"  # noqa: E731
     lines = [
+        f"Command: `{report['command']}`",
+        "",
         "# Cold start through `Engine.load`: full-size SDXL UNet and a cut FLUX transformer, bf16, random weights",
         "",
-        "Made by:",
-        "",
-        "```",
-        report["command"],
-        "```",
+        _machine_line(report),
         "",
         f"{report['machine']}; {report['date']}. "
         + ("Each file evicted from the page cache before each run (cold disk)." if report["evicted"]
@@ -572,6 +570,7 @@ def run_engine(args: argparse.Namespace) -> None:
     files = {m: engine_scenario(m, blocks).file(args.workdir) for m in methods}
     report: dict[str, Any] = {
         "command": "python benchmarks/cold_start.py " + " ".join(sys.argv[1:]),
+        "environment": _environment(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                    f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.0f} GiB RAM, Python "
                    f"{platform.python_version()}",
@@ -592,6 +591,7 @@ def run_engine(args: argparse.Namespace) -> None:
             print(json.dumps({k: v for k, v in result.items() if k != "memory_plan"}), flush=True)
             report["runs"].append(result)
     report["summary"] = summarize_engine(report)
+    report["environment"]["load_average_end"] = _load_average()
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "cold_start_engine_evicted" if args.evict else "cold_start_engine"
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -611,9 +611,34 @@ def run_engine(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------------- report
 
 
+def _environment() -> dict[str, Any]:
+    """The harness's environment record (CPU model, cores, flags, native bf16, load average, versions, commit)."""
+    import torch
+
+    from engine.bench.env import environment
+
+    return environment(torch.device("cpu"))
+
+
+def _load_average() -> list[float] | None:
+    from engine.bench.env import load_average
+
+    return load_average()
+
+
+def _machine_line(report: dict[str, Any]) -> str:
+    from engine.bench.report import machine_line
+
+    return machine_line(report["environment"]) if "environment" in report else ""
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [
+        f"Command: `{report.get('command', '')}`",
+        "",
         "# Cold start: SDXL UNet, bf16, random weights",
+        "",
+        _machine_line(report),
         "",
         f"{report['machine']}; "
         + ("each file evicted from the page cache (fadvise DONTNEED) before each run" if report["evicted"]
@@ -685,6 +710,8 @@ def main() -> None:
     args.methods = args.methods or list(METHODS)
     ensure_files(args.workdir)
     report: dict[str, Any] = {
+        "command": "python benchmarks/cold_start.py " + " ".join(sys.argv[1:]),
+        "environment": _environment(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
                    f"{platform.python_version()}",
         "evicted": args.evict,
@@ -697,6 +724,7 @@ def main() -> None:
             result = run_child(method, args.workdir, args.evict)
             print(json.dumps(result), flush=True)
             report["runs"].append(result)
+    report["environment"]["load_average_end"] = _load_average()
     if len({r["checksum"] for r in report["runs"]}) > 1:
         print("warning: the methods loaded different weights (checksums differ)", file=sys.stderr)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,6 @@ import dataclasses
 import importlib.util
 import json
 import math
-import platform
 import shutil
 import signal
 import sys
@@ -40,7 +39,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 # Minimum PSNR (dB) against O0 torch (fp32, eager) of the same model, resolution, seed and LoRA. Loose on purpose:
@@ -91,9 +89,10 @@ class Case:
 
 
 def psnr(a: Any, b: Any) -> float:
-    xa, xb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    mse = float(((xa - xb) ** 2).mean())
-    return math.inf if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+    """The harness's PSNR (engine/bench/quality.py) of two images; inf when identical."""
+    from engine.bench.quality import psnr as psnr_images
+
+    return psnr_images([a], [b])
 
 
 def resolutions(model: str, quick: bool) -> list[tuple[int, int]]:
@@ -330,8 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(scratch, ignore_errors=True)
     elapsed = time.perf_counter() - started
     counts = {s: sum(c.status == s for c in cases) for s in ("ok", "failed", "crashed", "timeout", "skipped")}
-    out = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-           "device": _device_name(device), "python": platform.python_version(), "versions": _versions(),
+    from engine.bench.env import environment, load_average
+
+    env = environment(device)
+    env["load_average_end"] = load_average()
+    out = {"command": " ".join(["python", sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+           "device": _device_name(device), "environment": env, "versions": _versions(),
            "steps": steps, "seed": SEED, "thresholds_db": THRESHOLDS_DB, "lora_no_effect_db": LORA_NO_EFFECT_DB,
            "budget_s": args.budget_s, "case_timeout_s": args.case_timeout_s, "elapsed_s": round(elapsed, 1),
            "counts": counts, "cases": [dataclasses.asdict(c) for c in cases],
@@ -369,9 +372,11 @@ def _clean(value: Any) -> Any:
 
 
 def _device_name(device: torch.device) -> str:
+    from engine.bench.env import device_name
+
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (sm{''.join(map(str, torch.cuda.get_device_capability(device)))})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        return f"{device_name(device)} (sm{''.join(map(str, torch.cuda.get_device_capability(device)))})"
+    return f"cpu ({device_name(device)}, {torch.get_num_threads()} threads)"
 
 
 def _versions() -> dict[str, str]:

@@ -644,10 +644,10 @@ class Engine:
         slot.pipeline.spec(params)  # a mode diffusers has no class for fails here, naming the field
         if image is not None:
             strength = request.strength if request.strength is not None else slot.pipeline.default_strength(params)
-            if int(params.num_inference_steps * strength) < 1:
+            if slot.pipeline.denoising_steps(params.num_inference_steps, strength) < 1:
                 raise InvalidRequestError("strength", f"{strength} of {params.num_inference_steps} steps leaves no "
                                           "denoising step; raise strength or num_inference_steps",
-                                          f"strength * num_inference_steps >= 1", strength)
+                                          "enough for one step of num_inference_steps", strength)
         return params
 
     def _controlnet(self, model: Any, index: int, slot: _Slot) -> torch.nn.Module:

@@ -136,10 +136,31 @@ class PayloadTooLargeError(EngineError):
 
 
 class UnauthorizedError(EngineError):
-    """A missing or wrong API key."""
+    """A missing or wrong API key (or a token that is forged, expired or not valid for what it is used for)."""
 
     error_type = "unauthorized"
     http_status = 401
+
+
+class UnsupportedMediaTypeError(EngineError):
+    """An upload whose bytes are not a format the engine reads (sniffed from the content, never the header)."""
+
+    error_type = "unsupported_media_type"
+    http_status = 415
+
+
+class UploadNotFoundError(EngineError, LookupError):
+    """An upload URL that is unknown, already used or expired."""
+
+    error_type = "upload_not_found"
+    http_status = 404
+
+
+class TooManyUploadsError(EngineError):
+    """More uploads are open at once than the server keeps track of."""
+
+    error_type = "too_many_uploads"
+    http_status = 429
 
 
 # -- the job queue and its durable store ---------------------------------------------------------------------------

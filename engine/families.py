@@ -21,6 +21,21 @@ class FamilySpec:
     stock_pipeline: str  # diffusers class: the oracle, and `_class_name` in model_index.json
     pipeline: str  # our pipeline class, "module:Class" under engine.pipelines
     uses_negative_prompt: bool  # whether guidance runs a second, negative branch by default
+    # Adjuncts and variants, as data: the diffusers class of this family's ControlNets, and the stock pipeline of
+    # each model variant whose denoiser takes more than the latents (e.g. "inpaint": a UNet with 9 input channels,
+    # FLUX Fill with masked-image and mask channels), which is also that variant's `_class_name` in model_index.json.
+    controlnet_class: str = ""
+    variant_pipelines: tuple[tuple[str, str], ...] = ()
+
+    def variant_pipeline(self, variant: str) -> str:
+        """The stock diffusers class of `variant` ("" is the base model)."""
+        if not variant:
+            return self.stock_pipeline
+        for name, cls in self.variant_pipelines:
+            if name == variant:
+                return cls
+        known = ", ".join(n for n, _ in self.variant_pipelines) or "none"
+        raise ValueError(f"{self.name} has no model variant {variant!r}; known: {known}")
 
 
 FAMILIES: dict[str, FamilySpec] = {
@@ -35,6 +50,8 @@ FAMILIES: dict[str, FamilySpec] = {
         stock_pipeline="StableDiffusionPipeline",
         pipeline="sd:StableDiffusionEnginePipeline",
         uses_negative_prompt=True,
+        controlnet_class="ControlNetModel",
+        variant_pipelines=(("inpaint", "StableDiffusionInpaintPipeline"),),
     ),
     "sdxl": FamilySpec(
         name="sdxl",
@@ -47,6 +64,8 @@ FAMILIES: dict[str, FamilySpec] = {
         stock_pipeline="StableDiffusionXLPipeline",
         pipeline="sd:StableDiffusionXLEnginePipeline",
         uses_negative_prompt=True,
+        controlnet_class="ControlNetModel",
+        variant_pipelines=(("inpaint", "StableDiffusionXLInpaintPipeline"),),
     ),
     "flux": FamilySpec(
         name="flux",
@@ -59,6 +78,8 @@ FAMILIES: dict[str, FamilySpec] = {
         stock_pipeline="FluxPipeline",
         pipeline="flux:FluxEnginePipeline",
         uses_negative_prompt=False,
+        controlnet_class="FluxControlNetModel",
+        variant_pipelines=(("inpaint", "FluxFillPipeline"),),
     ),
     "aurasr": FamilySpec(
         name="aurasr",
@@ -92,3 +113,13 @@ def family_of_pipeline_class(class_name: str) -> FamilySpec | None:
         if class_name.startswith(prefix):
             return FAMILIES[fam]
     return None
+
+
+def variant_of_pipeline_class(class_name: str) -> str:
+    """The model variant a diffusers `_class_name` (model_index.json) stands for: "inpaint" for the class that
+    inpainting/fill checkpoints are saved under (StableDiffusionInpaintPipeline, FluxFillPipeline, ...), else ""."""
+    for spec in FAMILIES.values():
+        for variant, cls in spec.variant_pipelines:
+            if class_name == cls:
+                return variant
+    return ""

@@ -12,10 +12,15 @@
   is never held in memory.
 
 Every refusal is an `InvalidRequestError` on the caller's field (422).
+
+`local_urls(resolver)` lets a server answer its own URLs (files it handed out) from disk: inside it, `fetch` asks the
+resolver first and makes no connection when it answers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import http.client
 import ipaddress
@@ -27,7 +32,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from .errors import InvalidRequestError
 
@@ -211,9 +216,28 @@ def _stream(url: str, sink: Callable[[bytes], None], *, field: str, max_bytes: i
     raise InvalidRequestError(field, f"more than {guard.max_redirects} redirects")
 
 
+LocalResolver = Callable[[str], "bytes | None"]
+_LOCAL_URLS: contextvars.ContextVar[LocalResolver | None] = contextvars.ContextVar("engine_local_urls", default=None)
+
+
+@contextlib.contextmanager
+def local_urls(resolver: LocalResolver) -> Iterator[None]:
+    """Within this block `fetch` first asks `resolver(url)`; bytes it returns are the body (no connection made)."""
+    token = _LOCAL_URLS.set(resolver)
+    try:
+        yield
+    finally:
+        _LOCAL_URLS.reset(token)
+
+
 def fetch(url: str, *, field: str, max_bytes: int, allow_private: bool = False, timeout_s: float = 20,
           accept: str = "*/*", guard: Guard | None = None) -> bytes:
     """The body of `url` in memory (for small inputs such as images; large files go through `download`)."""
+    resolver = _LOCAL_URLS.get()
+    local = resolver(url) if resolver is not None else None
+    if local is not None:
+        check_size(len(local), max_bytes, field)
+        return local
     chunks: list[bytes] = []
     _stream(url, chunks.append, field=field, max_bytes=max_bytes, guard=_guard(guard, allow_private),
             timeout_s=timeout_s, accept=accept)
@@ -253,13 +277,15 @@ def download(url: str, directory: Path, *, field: str, max_bytes: int, allow_pri
 
 
 def post_json(url: str, body: bytes, *, field: str, allow_private: bool = False, timeout_s: float = 15,
-              guard: Guard | None = None) -> int:
-    """POST a JSON body once to the checked, pinned address; redirects are not followed. Returns the status."""
+              guard: Guard | None = None, headers: dict[str, str] | None = None) -> int:
+    """POST a JSON body once to the checked, pinned address (with extra `headers`); redirects are not followed.
+    Returns the status."""
     g = _guard(guard, allow_private)
     deadline = time.monotonic() + timeout_s
     conn, path = _connection(url, g, field, deadline)
     try:
-        conn.request("POST", path, body=body, headers={"User-Agent": USER_AGENT, "Content-Type": "application/json"})
+        conn.request("POST", path, body=body, headers={**(headers or {}), "User-Agent": USER_AGENT,
+                                                       "Content-Type": "application/json"})
         response = conn.getresponse()
         response.read(CHUNK)  # a polite drain of the start of the answer; the rest is dropped
         return response.status

@@ -26,6 +26,9 @@ class ModelDefaults:
     scheduler: str | None = None  # scheduler preset (engine.schedulers) the model was distilled for
 
 
+MODEL_KINDS = ("model", "controlnet", "ip_adapter")  # "model": a whole pipeline; the others plug into one
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     id: str
@@ -40,6 +43,15 @@ class ModelSpec:
     unet: str | None = None  # diffusers-format UNet weights: hub "owner/repo/file.safetensors" or a local file
     lora: str | None = None  # LoRA fused into the base: hub "owner/repo/file.safetensors" or a local file
     lora_scale: float = 1.0
+    # What the entry is: a whole model, or an adjunct (ControlNet, IP-Adapter) that plugs into a model of `family`.
+    kind: str = "model"
+    variant: str = ""  # "inpaint": a denoiser that also takes the masked image and mask (FamilySpec.variant_pipelines)
+    # IP-Adapters (diffusers `load_ip_adapter`): the weights file in `subfolder` of `source`, and the image encoder's
+    # folder (a name inside `subfolder`, or a path from the repository root when it holds a "/").
+    subfolder: str | None = None
+    weight_name: str | None = None
+    image_encoder_folder: str | None = None
+    tile_controlnet: str | None = None  # registry id of the tile ControlNet this model pairs with (creative upscale)
 
     @property
     def family_spec(self) -> FamilySpec:
@@ -61,7 +73,14 @@ class ModelSpec:
 def _parse(model_id: str, raw: dict[str, Any]) -> ModelSpec:
     defaults = ModelDefaults(**raw.get("defaults", {}))
     family = get_family(raw["family"])  # validate early: a typo in the table fails at load, not at request time
-    if family.task == "text-to-image":
+    kind = raw.get("kind", "model")
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"models.yaml: {model_id} has kind {kind!r}; known: {', '.join(MODEL_KINDS)}")
+    if raw.get("variant"):
+        family.variant_pipeline(raw["variant"])
+    if kind == "ip_adapter" and not (raw.get("subfolder") is not None and raw.get("weight_name")):
+        raise ValueError(f"models.yaml: IP-Adapter {model_id} needs subfolder and weight_name")
+    if kind == "model" and family.task == "text-to-image":
         missing = [k for k in ("steps", "guidance_scale", "width", "height") if getattr(defaults, k) is None]
         if missing:
             raise ValueError(f"models.yaml: {model_id} lacks defaults {missing}")
@@ -77,6 +96,12 @@ def _parse(model_id: str, raw: dict[str, Any]) -> ModelSpec:
         unet=raw.get("unet"),
         lora=raw.get("lora"),
         lora_scale=float(raw.get("lora_scale", 1.0)),
+        kind=kind,
+        variant=raw.get("variant", ""),
+        subfolder=raw.get("subfolder"),
+        weight_name=raw.get("weight_name"),
+        image_encoder_folder=raw.get("image_encoder_folder"),
+        tile_controlnet=raw.get("tile_controlnet"),
     )
 
 
@@ -88,11 +113,29 @@ def _load_table(path: str) -> dict[str, ModelSpec]:
     for spec in table.values():
         if spec.base is not None and (spec.base not in table or table[spec.base].family != spec.family):
             raise ValueError(f"models.yaml: {spec.id} has base {spec.base!r}, not a registered {spec.family} model")
+        tile = table.get(spec.tile_controlnet or "")
+        if spec.tile_controlnet is not None and (tile is None or tile.kind != "controlnet" or tile.family != spec.family):
+            raise ValueError(f"models.yaml: {spec.id} has tile_controlnet {spec.tile_controlnet!r}, not a registered "
+                             f"{spec.family} ControlNet")
     return table
 
 
-def registry(path: Path | None = None) -> dict[str, ModelSpec]:
+def _full_table(path: Path | None = None) -> dict[str, ModelSpec]:
     return _load_table(str(path or configs_dir() / "models.yaml"))
+
+
+def registry(path: Path | None = None) -> dict[str, ModelSpec]:
+    """The models (whole pipelines) by id; adjuncts (ControlNets, IP-Adapters) are in `adjuncts`."""
+    return {k: s for k, s in _full_table(path).items() if s.kind == "model"}
+
+
+def adjuncts(kind: str, path: Path | None = None) -> dict[str, ModelSpec]:
+    """The registered adjuncts of `kind` ("controlnet", "ip_adapter") by id."""
+    return {k: s for k, s in _full_table(path).items() if s.kind == kind}
+
+
+def find_adjunct(kind: str, adjunct_id: str) -> ModelSpec | None:
+    return adjuncts(kind).get(adjunct_id)
 
 
 def get_spec(model_id: str) -> ModelSpec:

@@ -10,10 +10,8 @@ so several services and the HTTP server share the device fairly and report true 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
-import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterator, Mapping
 
@@ -24,6 +22,7 @@ from .loading import CallerPolicy, as_caller, check_untrusted_model
 from .runtime.files import FileStore
 from .runtime.jobstore import JobStore, StoredJob
 from .runtime.queue import Job, JobQueue, JobState, durable_queue, forget_queue, queue_for
+from .runtime.webhooks import WebhookSender
 
 if TYPE_CHECKING:
     from .api import Engine
@@ -215,6 +214,7 @@ class FalService:
         durable_files = store.files_dir if store is not None and not store.temporary else None
         self.files = files or FileStore(durable_files, ttl_s=retention_s or 3600.0)
         self.timeout_s = timeout_s
+        self.webhooks = WebhookSender(allow_private=allow_private_urls)  # the server swaps in a signing one
         if recover:
             self.queue.recover(self.resume)  # the last run's queued jobs go again, now that `resume` can run them
 
@@ -272,14 +272,17 @@ class FalService:
                                 start_timeout_s=start_timeout_s, want_previews=want_previews,
                                 meta={"model": call.model, "base_url": base_url}, record=record, job_id=job_id)
         if webhook_url is not None:
-            job.add_done_callback(lambda j: _start_webhook(webhook_url, j, self.allow_private_urls))
+            job.add_done_callback(lambda j: self.webhooks.send_job(webhook_url, j))
         return job
 
     def resume(self, stored: StoredJob) -> Job:
-        """Queue a job read back from a durable store again, under its id (validated again, as any request)."""
+        """Queue a job read back from a durable store again, under its id (validated again, as any request; file
+        URLs the server handed out under its base URL are read from the file store, as when it was submitted)."""
         record = stored.record or {}
-        return self.enqueue(self.prepare(stored.app_id, record.get("arguments")),
-                            base_url=stored.meta.get("base_url"), webhook_url=record.get("webhook_url"),
+        base_url = stored.meta.get("base_url")
+        with net.local_urls(lambda url: self.files.read_local(url, [base_url] if base_url else [])):
+            call = self.prepare(stored.app_id, record.get("arguments"))
+        return self.enqueue(call, base_url=base_url, webhook_url=record.get("webhook_url"),
                             timeout_s=record.get("timeout_s"), job_id=stored.id)
 
     def close(self, timeout: float | None = 10.0) -> None:
@@ -406,7 +409,7 @@ class FalService:
 
     # -- webhooks ------------------------------------------------------------------------------------------------
     def _check_webhook(self, url: str) -> None:
-        net.check_url(url, field="fal_webhook", allow_private=self.allow_private_urls)
+        self.webhooks.check(url)
 
 
 def _durable_queue_for(engine: "Engine", state_dir: "str | os.PathLike[str] | JobStore",
@@ -420,26 +423,4 @@ def _durable_queue_for(engine: "Engine", state_dir: "str | os.PathLike[str] | Jo
                          f"{'in memory' if store is None or store.temporary else f'on {store.root}'}; "
                          "give state_dir to the first service over an engine (or close that one first)")
     return queue
-
-
-def _start_webhook(url: str, job: Job, allow_private_urls: bool) -> None:
-    threading.Thread(target=_deliver_webhook, args=(url, job, allow_private_urls), daemon=True,
-                     name=f"webhook-{job.id[:8]}").start()
-
-
-def _deliver_webhook(url: str, job: Job, allow_private_urls: bool) -> None:
-    """POST fal's webhook body once through the SSRF guard (resolved and checked again at delivery, connected to the
-    checked address; redirects are not followed)."""
-    body: dict[str, Any] = {"request_id": job.id, "gateway_request_id": job.id}
-    if job.error is None:
-        body.update(status="OK", payload=job.result, error=None)
-    else:
-        body.update(status="ERROR", payload={"detail": str(job.error), "error_type": error_type_of(job.error)},
-                    error=str(job.error))
-    try:
-        status = net.post_json(url, json.dumps(body).encode(), field="fal_webhook", allow_private=allow_private_urls)
-        if status >= 300:
-            log.warning("webhook for %s to %s answered HTTP %s", job.id, url, status)
-    except Exception as e:  # noqa: BLE001 - a failed delivery is logged, never fatal
-        log.warning("webhook for %s to %s failed: %s", job.id, url, e)
 

@@ -1,4 +1,6 @@
-"""The benchmark harness: `engine bench --scale tiny --quick` end to end, FLOPs against a hand count, a failing preset.
+"""The benchmark harness: `engine bench --scale tiny --quick` end to end (stock fp32 and bf16 baselines, engine
+presets), FLOPs against a hand count, a failing preset, the stock bf16 row's reason where bf16 is not native, the
+shared result format, and every benchmarks/*.py entry point on tiny models with one run (the test-only fast mode).
 
 The quick run goes through `python -m engine.bench.cli` in a subprocess (the same entry point `engine bench` uses),
 with the test session's fresh cache, so it also pays building the tiny models and exporting the ONNX graphs.
@@ -50,8 +52,15 @@ def test_quick_run_finishes_and_writes_reports(quick_run: dict[str, Any]) -> Non
     md = (out / "bench.md").read_text()
     assert md in quick_run["stdout"]  # the markdown table is printed too
     for text in ("| diffusers |", "| O0 |", "| O1 |", "few-step", "encode / denoise / decode", "FLOPs / image",
-                 "util.", "PSNR dB", "SSIM", "Published reference jobs", "A6000: ~18 s (published"):
+                 "util.", "PSNR dB", "SSIM", "Published reference jobs", "A6000: ~18 s (published",
+                 "vs stock fp32 | vs stock bf16", "min–max (spread)"):
         assert text in md, text
+    # The result files start with the command, then name the machine: CPU model, cores, native bf16, load.
+    assert md.startswith("Command: `python -m engine.bench.cli bench --scale tiny --quick")
+    machine = md.splitlines()[4]
+    assert machine.startswith("Machine: ") and "cores" in machine and "native bf16: " in machine
+    assert "load average" in machine and "→" in machine
+    assert next(iter(quick_run["result"])) == "command"
     with Image.open(out / "bench.png") as png:
         assert png.size[0] > 500 and png.size[1] > 300
     assert (out / "images" / "sdxl" / "diffusers.png").is_file()
@@ -86,6 +95,84 @@ def test_quick_run_figures(quick_run: dict[str, Any]) -> None:
         assert few["job"]["guidance_scale"] == 0.0 and few["job_differs"] and few["ssim_same_job"] is not None
         stages = next(iter(sc["flops"].values()))["stages"]
         assert all(stages[s] > 0 for s in ("encode", "denoise", "decode"))
+
+
+def test_stock_bf16_row_beside_stock_fp32(quick_run: dict[str, Any]) -> None:
+    """Stock diffusers in bf16 is a second baseline: where the CPU has native bf16 it runs, and every other row has a
+    speed-up against it from the same run; where it has not, the row is there, skipped with the reason."""
+    from engine.bench.env import native_bf16
+
+    import torch
+
+    native, _ = native_bf16(torch.device("cpu"))
+    env = quick_run["result"]["environment"]
+    assert env["native_bf16"] is native and env["cpu_model"] and env["load_average_start"] is not None
+    for sc in quick_run["result"]["scenarios"]:
+        bf16 = _row(sc, "aura-sr-bf16" if sc["job"]["task"] == "upscale" else "diffusers-bf16")
+        assert bf16["kind"] == "stock"
+        if not native:
+            assert bf16["status"] == "skipped" and "native bf16" in bf16["reason"]
+            continue
+        assert bf16["status"] == "ok" and bf16["dtype"] == "bf16" and bf16["speedup_bf16"] == pytest.approx(1.0)
+        base = _row(sc, "aura-sr" if sc["job"]["task"] == "upscale" else "diffusers")
+        assert bf16["speedup"] == pytest.approx(base["timing"]["median_s"] / bf16["timing"]["median_s"])
+        assert bf16["psnr_db"] > 25  # against the fp32 baseline, same seed
+        for row in (r for r in sc["rows"] if r["status"] == "ok"):
+            assert row["speedup_bf16"] == pytest.approx(bf16["timing"]["median_s"] / row["timing"]["median_s"])
+            t = row["timing"]
+            assert t["min_s"] <= t["median_s"] <= t["max_s"] and t["spread"] >= 0
+
+
+def test_stock_bf16_is_skipped_with_the_reason_without_native_bf16(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine.bench.env as env
+    from engine.bench.cli import main
+
+    monkeypatch.setattr(env, "native_bf16", lambda device: (False, "oneDNN bf16 not supported (test)"))
+    scenario = tmp_path / "bf16.yaml"
+    scenario.write_text(BF16_SCENARIO)
+    out = tmp_path / "out"
+    assert main(["bench", "--scenario", str(scenario), "--out", str(out), "--runs", "1", "--warmup", "0",
+                 "--no-images", "--no-progress", "--no-flops"]) == 0
+    result = json.loads((out / "bench.json").read_text())
+    sc = result["scenarios"][0]
+    row = _row(sc, "diffusers-bf16")
+    assert row["status"] == "skipped" and "needs native bf16 (oneDNN bf16 not supported (test))" in row["reason"]
+    assert _row(sc, "O0")["speedup_bf16"] is None and _row(sc, "O0")["speedup"] > 0
+    assert "- diffusers-bf16: needs native bf16" in (out / "bench.md").read_text()
+    assert result["environment"]["native_bf16"] is False
+
+
+BF16_SCENARIO = """
+name: bf16
+description: the stock bf16 baseline
+prompt: a red cube
+seed: 3
+guidance_scale: 7.5
+scales:
+  tiny: {model: tiny-sd15, width: 64, height: 64, steps: 1}
+presets:
+  - {name: O0, opt_level: O0}
+  - {name: diffusers-bf16, stock: true, dtype: bf16, requires: [bf16]}
+  - {name: diffusers, stock: true}
+"""
+
+
+def test_presets_filter_and_its_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from engine.bench.cli import main
+    from engine.bench.scenario import load_scenario
+
+    scenario = tmp_path / "bf16.yaml"
+    scenario.write_text(BF16_SCENARIO)
+    sc = load_scenario(scenario, "tiny", only=["O0", "diffusers"])
+    assert [p.name for p in sc.presets] == ["diffusers", "O0"]  # the fp32 baseline first
+    assert [p.name for p in load_scenario(scenario, "tiny").presets] == ["diffusers", "diffusers-bf16", "O0"]
+    assert main(["bench", "--scenario", str(scenario), "--presets", "O0,nope", "--out", str(tmp_path)]) == 2
+    assert "no preset 'nope'" in capsys.readouterr().err
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(BF16_SCENARIO + "  - {name: again, stock: true}\n")
+    with pytest.raises(ValueError, match="at most one stock preset per dtype"):
+        load_scenario(twice, "tiny")
 
 
 def test_upscale_scenario_against_the_reference_package(quick_run: dict[str, Any]) -> None:
@@ -233,3 +320,98 @@ def test_bad_scenarios_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFi
     err = capsys.readouterr().err
     assert "scenario typo:" in err and "opt_levle" in err
     assert not (tmp_path / "bench.json").exists()
+
+
+# -- entry points and the shared result format ------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--scale", "tiny", "--quick", "--runs", "1", "--warmup", "0", "--no-flops", "--no-images", "--no-progress",
+        "--no-reference-count"]  # the test-only fast mode: tiny models, one run, no compiling
+
+
+def _run_script(script: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [f"benchmarks/{script}", *argv])
+    try:
+        runpy.run_path(str(ROOT / "benchmarks" / script), run_name="__main__")
+    except SystemExit as done:
+        assert done.code in (0, None)
+
+
+@pytest.mark.parametrize("script, scenarios, presets", [
+    ("compiler_speed.py", {"sdxl", "flux"}, {"diffusers", "diffusers-bf16", "O0", "O1"}),
+    ("backends_speed.py", {"sdxl", "flux"}, {"diffusers", "diffusers-bf16", "O0", "onnxruntime", "tensorrt"}),
+    ("fewstep_speed.py", {"sdxl"}, {"diffusers", "diffusers-bf16", "O1", "few-step"}),
+    ("aurasr_speed.py", {"aurasr"}, {"aura-sr", "aura-sr-bf16", "O0", "O1", "shared-style"}),
+])
+def test_scenario_entry_points(script: str, scenarios: set[str], presets: set[str], tmp_path: Path,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each script is `engine bench` with its arguments; the caller's (here the fast mode, --out) win."""
+    _run_script(script, [*FAST, "--out", str(tmp_path)], monkeypatch)
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["command"].startswith("python ") and f"benchmarks/{script} --scale tiny" in result["command"]
+    assert "(= python -m engine.bench.cli bench --scale" in result["command"]
+    assert {s["name"] for s in result["scenarios"]} == scenarios
+    for sc in result["scenarios"]:
+        assert {r["preset"] for r in sc["rows"]} <= presets
+        assert any(r["kind"] == "stock" and r["dtype"] == "fp32" and r["status"] == "ok" for r in sc["rows"])
+        assert all(r["timing"]["runs"] == 1 for r in sc["rows"] if r["status"] == "ok")
+    assert (tmp_path / "bench.md").read_text().startswith(f"Command: `{result['command']}`")
+
+
+def _measurement_result(out: Path) -> tuple[dict[str, Any], str]:
+    result = json.loads(out.with_suffix(".json").read_text())
+    md = out.with_suffix(".md").read_text()
+    assert next(iter(result)) == "command" and md.startswith(f"Command: `{result['command']}`")
+    env = result["environment"]
+    assert env["cpu_model"] and env["cpu_count"] and isinstance(env["native_bf16"], bool)
+    assert env["load_average_start"] is not None and env["load_average_end"] is not None
+    assert "Machine: " in md and "native bf16: " in md
+    return result, md
+
+
+def test_lora_swap_entry_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("peft")
+    out = tmp_path / "swap"
+    _run_script("lora_swap.py", ["--runs", "1", "--out", str(out)], monkeypatch)
+    result, md = _measurement_result(out)
+    series = {s["name"]: s for s in result["series"]}
+    swap = series["swap to the other LoRA + image (hot-swap)"]
+    assert swap["timing"]["runs"] == 1 and swap["graphs compiled during the swaps"] == 0  # no recompilation
+    assert series["no hot-swap: fresh compile with the other LoRA + image"]["timing"]["median_s"] > 0
+    assert result["figures"]["fresh compile + image / hot-swap + image"] > 0
+    assert "| swap to the other LoRA + image (hot-swap) |" in md
+
+
+def test_server_latency_entry_point(tmp_path: Path) -> None:
+    pytest.importorskip("fal_client")
+    pytest.importorskip("trustme")
+    out = tmp_path / "server"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "server_latency.py"), "--requests", "2",
+                           "--rounds", "1", "--warmup", "1", "--concurrency", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result, _ = _measurement_result(out)
+    series = {s["name"]: s for s in result["series"]}
+    assert series["direct Engine.generate"]["timing"]["runs"] == 2
+    assert series["served (fal client, TLS)"]["timing"]["runs"] == 2
+    assert series["served (fal client, TLS)"]["concurrent"]["requests"] == 2  # 1 client x 2 requests
+    assert result["command"].startswith("python ") and "server_latency.py --requests 2" in result["command"]
+
+
+def test_measurements_summary_and_ratio(tmp_path: Path) -> None:
+    from engine.bench.measurement import Measurements
+
+    m = Measurements("unit", "python x.py --flag", runs=3)
+    for t in (0.3, 0.1, 0.2):
+        m.add("slow", t)
+        m.add("fast", t / 2)
+    assert m.ratio("slow / fast", "slow", "fast") == pytest.approx(2.0)
+    timing = m.get("slow").timing
+    assert timing["median_s"] == pytest.approx(0.2) and timing["spread"] == pytest.approx(1.0)
+    m.write(tmp_path / "unit")
+    result, md = _measurement_result(tmp_path / "unit")
+    assert result["figures"] == {"slow / fast": pytest.approx(2.0)}
+    assert "| slow | 200.0 ms | 100.0 ms–300.0 ms (100%) | 3 |" in md

@@ -27,9 +27,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    only = [n.strip() for group in args.presets or [] for n in group.split(",") if n.strip()]
     for path in paths:
         try:
-            scenarios.append(load_scenario(path, args.scale, quick=args.quick, model=args.model, steps=args.steps))
+            scenarios.append(load_scenario(path, args.scale, quick=args.quick, model=args.model, steps=args.steps,
+                                           only=only or None))
         except ValueError as e:
             if args.scenario:  # asked for by name: a missing scale is an error, not a note
                 print(f"error: {e}", file=sys.stderr)
@@ -38,6 +40,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not scenarios:
         print("error: no scenario to run" + (f" ({'; '.join(notes)})" if notes else ""), file=sys.stderr)
         return 2
+    unknown = [n for n in only if not any(n in sc.preset_names for sc in scenarios)]
+    if unknown:
+        known = sorted({n for sc in scenarios for n in sc.preset_names})
+        print(f"error: no preset {', '.join(map(repr, unknown))} in the scenarios (known: {', '.join(known)})",
+              file=sys.stderr)
+        return 2
+    scenarios = [sc for sc in scenarios if sc.presets]
     for note in notes:
         print(f"note: skipping {note}", file=sys.stderr)
     if args.threads:
@@ -48,8 +57,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         count_reference=not (args.no_reference_count or args.quick),
                         progress=not args.no_progress and sys.stderr.isatty())
     result, rows = run_benchmark(scenarios, settings)
-    result["command"] = args.command_line or _invocation()
-    result["skipped_scenarios"] = notes
+    result = {"command": args.command_line or _invocation(), **result, "skipped_scenarios": notes}
     paths = write_outputs(result, rows, Path(args.out), images=not args.no_images)
     print(to_markdown(result))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
@@ -78,6 +86,8 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "to a YAML file; repeatable; default: every default one")
     p.add_argument("--out", default="bench-results", help="output folder for bench.json, bench.md, bench.png")
     p.add_argument("--steps", type=int, help="override the scenarios' step count (few-step presets keep theirs)")
+    p.add_argument("--presets", action="append", metavar="NAME[,NAME...]",
+                   help="run only these presets (comma-separated or repeated; each must be some scenario's)")
     p.add_argument("--runs", type=int, help="timed runs per preset (default 3, 1 with --quick)")
     p.add_argument("--warmup", type=int, help="warm-up runs per preset (default 1)")
     p.add_argument("--device", default="auto")
@@ -91,6 +101,16 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--command-line", help=argparse.SUPPRESS)  # the command recorded in the report
     p.set_defaults(func=cmd_bench)
     return p
+
+
+def run_entry_point(fixed: Sequence[str], argv: Sequence[str] | None = None) -> int:
+    """A benchmark script as a thin entry point: `engine bench` with the script's arguments (`fixed`), then the
+    caller's (which win: argparse keeps the last value; --scenario / --presets add up). The result files record
+    the script's command line and what it expands to."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    script = " ".join(["python", sys.argv[0], *(shlex.quote(a) for a in argv)])
+    expanded = " ".join(["python -m engine.bench.cli bench", *(shlex.quote(a) for a in [*fixed, *argv])])
+    return main(["bench", *fixed, *argv, "--command-line", f"{script}  (= {expanded})"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -39,10 +39,13 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
 
 
 def summarize(times: list[float]) -> dict[str, float]:
-    """Median and p90 (nearest rank, so with few runs it is an observed value, not an interpolation)."""
+    """Median, p90 (nearest rank, so with few runs it is an observed value, not an interpolation), min, max and the
+    spread ((max - min) / median): on a shared machine the spread says how far to trust the median."""
     ordered = sorted(times)
     p90 = ordered[max(0, math.ceil(0.9 * len(ordered)) - 1)]
-    return {"median_s": statistics.median(ordered), "p90_s": p90, "min_s": ordered[0], "runs": len(ordered)}
+    median = statistics.median(ordered)
+    return {"median_s": median, "p90_s": p90, "min_s": ordered[0], "max_s": ordered[-1],
+            "spread": (ordered[-1] - ordered[0]) / median if median else 0.0, "runs": len(ordered)}
 
 
 # -- stage boundaries ---------------------------------------------------------------------------------------------

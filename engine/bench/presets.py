@@ -1,6 +1,7 @@
 """How one preset runs: the stock diffusers pipeline (with hook-based stage timers) or an `Engine` configuration;
-warm-up runs, timed runs, peak memory. A preset asking for an export backend that the optimization report shows was
-not applied is refused here (PresetSkipped), so a silent fallback to torch is never timed as that backend.
+load and warm-up (with peak memory), then timed runs taken round-robin over the loaded presets. A preset asking for
+an export backend that the optimization report shows was not applied is refused here (PresetSkipped), so a silent
+fallback to torch is never timed as that backend.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class Row:
     load_s: float | None = None
     first_image_s: float | None = None
     times_s: list[float] = field(default_factory=list)
-    timing: dict[str, float] = field(default_factory=dict)  # median_s, p90_s, min_s, runs
+    timing: dict[str, float] = field(default_factory=dict)  # median_s, p90_s, min_s, max_s, spread, runs
     stages_s: dict[str, float] = field(default_factory=dict)  # median per stage
     memory: dict[str, Any] = field(default_factory=dict)
     flops_per_image: float | None = None
@@ -55,7 +56,8 @@ class Row:
     peak_flops_per_s: float | None = None
     achieved_flops_per_s: float | None = None
     utilisation: float | None = None
-    speedup: float | None = None
+    speedup: float | None = None  # stock fp32 median / this median (same run)
+    speedup_bf16: float | None = None  # stock bf16 median / this median (None: no stock bf16 row ran)
     psnr_db: float | None = None  # None with identical=True when the images are bit-identical (PSNR is infinite)
     ssim: float | None = None
     identical: bool | None = None
@@ -76,35 +78,69 @@ class Row:
 Call = Callable[[], tuple[list[Image.Image], dict[str, float]]]
 
 
-def repeat(call: Call, settings: Settings, row: Row, stages: tuple[str, ...]) -> None:
-    """Warm-up runs (the first is the first-image figure: it pays compilation), then the timed runs."""
-    first = None
+@dataclass
+class Prepared:
+    """A preset that is loaded and warmed up: `call` makes one image (set), `close` frees it."""
+
+    row: Row
+    call: Call
+    close: Callable[[], None]
+    stages: tuple[str, ...]
+    per_run: list[dict[str, float]] = field(default_factory=list)
+
+    def run_once(self, device: torch.device) -> None:
+        """One timed run, recorded on the row."""
+        dt, (images, stage_times) = timed(self.call, device)
+        self.row.times_s.append(dt)
+        self.per_run.append(stage_times)
+        self.row.images = images
+
+    def finish(self) -> None:
+        """Median, spread and per-stage medians of the timed runs."""
+        self.row.timing = summarize(self.row.times_s)
+        n = len(self.per_run)
+        self.row.stages_s = {s: sorted(t.get(s, 0.0) for t in self.per_run)[n // 2] for s in self.stages}
+
+
+def warm_up(call: Call, settings: Settings, row: Row) -> None:
+    """Warm-up runs; the first is the first-image figure (it pays compilation). With no warm-up, the first timed
+    run stands in for it (set by `timed_rounds`)."""
     for _ in range(settings.warmup):
         dt, _out = timed(call, settings.device)
-        first = dt if first is None else first
-    per_run: list[dict[str, float]] = []
+        row.first_image_s = dt if row.first_image_s is None else row.first_image_s
+
+
+def timed_rounds(prepared: list[Prepared], settings: Settings, on_fail: Callable[[Prepared, BaseException], None]
+                 ) -> None:
+    """The timed runs, round-robin over the loaded presets: load from other work on a shared machine then falls on
+    every preset alike, instead of on all the runs of one (a ratio of medians from one run stays fair)."""
+    live = list(prepared)
     for _ in range(max(1, settings.runs)):
-        dt, (images, stage_times) = timed(call, settings.device)
-        row.times_s.append(dt)
-        per_run.append(stage_times)
-        row.images = images
-    row.first_image_s = first if first is not None else row.times_s[0]
-    row.timing = summarize(row.times_s)
-    row.stages_s = {s: sorted(t.get(s, 0.0) for t in per_run)[len(per_run) // 2] for s in stages}
+        for p in list(live):
+            try:
+                p.run_once(settings.device)
+            except Exception as e:  # noqa: BLE001 - a preset failing mid-run is that preset's skip
+                live.remove(p)
+                on_fail(p, e)
+    for p in live:
+        if p.row.first_image_s is None:
+            p.row.first_image_s = p.row.times_s[0]
+        p.finish()
 
 
 class StockRunner:
     """The stock diffusers pipeline around the model's components, with stage boundaries from hooks.
 
     Built with `build_stock_pipeline` on the components our loader produced, so baseline and presets share the exact
-    weights (and any model the engine can load, single files and presets included, has a baseline)."""
+    weights (and any model the engine can load, single files and presets included, has a baseline). `dtype` is read
+    straight into, as `from_pretrained(torch_dtype=...)` does: the stock bf16 run a user would otherwise make."""
 
-    def __init__(self, model: str, device: torch.device):
+    def __init__(self, model: str, device: torch.device, dtype: torch.dtype = torch.float32):
         from ..loading import load_model
         from ..loading.stock import build_stock_pipeline
 
         self.device = device
-        self.loaded = load_model(model)
+        self.loaded = load_model(model, torch_dtype=dtype)
         self.pipe = build_stock_pipeline(self.loaded.family.name, self.loaded.components)
         self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
@@ -152,13 +188,13 @@ class StockRunner:
         del self.pipe
 
 
-def stock_runner(job: Job, device: torch.device) -> Any:
-    """The baseline of a job: the stock diffusers pipeline, or for upscaling the reference aura-sr package."""
+def stock_runner(job: Job, device: torch.device, dtype: torch.dtype = torch.float32) -> Any:
+    """A stock run of a job: the diffusers pipeline, or for upscaling the reference aura-sr package, in `dtype`."""
     if job.task == "upscale":
         from .upscale import ReferenceUpscaler
 
-        return ReferenceUpscaler(job.model, device)
-    return StockRunner(job.model, device)
+        return ReferenceUpscaler(job.model, device, dtype)
+    return StockRunner(job.model, device, dtype)
 
 
 class EngineCounter:
@@ -216,10 +252,12 @@ def check_backend(preset: Preset, report: Any) -> list[str]:
     return skipped
 
 
-def run_engine(preset: Preset, job: Job, settings: Settings, row: Row) -> None:
+def prepare_engine(preset: Preset, job: Job, settings: Settings, row: Row) -> Prepared:
+    """Load the model on an `Engine` configured by `preset`, check the backend it asked for, warm up. Memory is the
+    peak over load and warm-up (what the preset allocates; the timed runs reuse it)."""
     from ..api import Engine
 
-    missing = preset.missing_requirement(settings.device.type)
+    missing = preset.missing_requirement(settings.device)
     if missing:
         raise PresetSkipped(missing)
     engine = Engine(device=settings.device, opt_level=preset.opt_level, compile_config=preset.compile_config or None)
@@ -230,10 +268,13 @@ def run_engine(preset: Preset, job: Job, settings: Settings, row: Row) -> None:
             row.optimization_report = report.as_dict()
             row.notes += check_backend(preset, report)
             row.dtype = DTYPE_NAMES.get(_compute_dtype(engine, job))
-            repeat(_engine_call(engine, job), settings, row, job.stages)
+            call = _engine_call(engine, job)
+            warm_up(call, settings, row)
         row.memory = memory.as_dict()
-    finally:
+    except BaseException:
         engine.unload(job.model)
+        raise
+    return Prepared(row, call, lambda: engine.unload(job.model), job.stages)
 
 
 def _compute_dtype(engine: Any, job: Job) -> torch.dtype:

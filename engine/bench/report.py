@@ -43,8 +43,12 @@ def _flops(f: float | None) -> str:
     return f"{f:.0f} FLOP"
 
 
+def is_baseline(row: dict[str, Any]) -> bool:
+    return row["kind"] == "stock" and row.get("dtype") == "fp32"
+
+
 def quality(row: dict[str, Any], kind: str = "psnr") -> str:
-    if row["kind"] == "stock":
+    if is_baseline(row):
         return "baseline"
     if row.get("identical"):
         return "identical" if kind == "psnr" else "1.000"
@@ -80,8 +84,18 @@ def _preset_label(row: dict[str, Any], scenario_job: dict[str, Any]) -> str:
 # -- markdown -------------------------------------------------------------------------------------------------------
 
 def header(stages: tuple[str, ...]) -> str:
-    return (f"| preset | dtype | load | first image | median | p90 | {' / '.join(stages)} (s) | speed-up "
-            "| peak memory (above start) | FLOPs / image | FLOP/s | util. | PSNR dB | SSIM |")
+    return (f"| preset | dtype | load | first image | median | min–max (spread) | {' / '.join(stages)} (s) "
+            "| vs stock fp32 | vs stock bf16 | peak memory (above start) | FLOPs / image | FLOP/s | util. | PSNR dB "
+            "| SSIM |")
+
+
+COLUMNS = 15
+
+
+def spread(timing: dict[str, Any]) -> str:
+    if "max_s" not in timing:
+        return "–"
+    return f"{duration(timing['min_s'])}–{duration(timing['max_s'])} ({100 * timing['spread']:.0f}%)"
 
 
 def _row_md(row: dict[str, Any], scenario_job: dict[str, Any]) -> str:
@@ -91,8 +105,9 @@ def _row_md(row: dict[str, Any], scenario_job: dict[str, Any]) -> str:
     util = f"{100 * row['utilisation']:.2g}%" if row["utilisation"] else "–"
     achieved = _flops(row["achieved_flops_per_s"]) + "/s" if row["achieved_flops_per_s"] else "–"
     cells = [_preset_label(row, scenario_job), row["dtype"] or "–", duration(row["load_s"]),
-             duration(row["first_image_s"]), duration(t["median_s"]), duration(t["p90_s"]), stages,
-             _num(row["speedup"], "{:.2f}x"), memory, _flops(row["flops_per_image"]), achieved, util,
+             duration(row["first_image_s"]), duration(t["median_s"]), spread(t), stages,
+             _num(row["speedup"], "{:.2f}x"), _num(row.get("speedup_bf16"), "{:.2f}x"), memory,
+             _flops(row["flops_per_image"]), achieved, util,
              quality(row, "psnr"), quality(row, "ssim")]
     return "| " + " | ".join(cells) + " |"
 
@@ -122,25 +137,37 @@ def _job_title(job: dict[str, Any]) -> str:
     return f"{job['model']} {job['width']}x{job['height']}, {job['steps']} steps, guidance {job['guidance_scale']}"
 
 
+def machine_line(env: dict[str, Any]) -> str:
+    """CPU model, cores, the flags bf16 speed depends on, native bf16 or not, and the load before and after: a CPU
+    figure means little without them (other work on a shared machine shows in the load and the spread)."""
+    load = " → ".join("/".join(f"{x:.2f}" for x in la) for la in (env.get("load_average_start"),
+                                                                 env.get("load_average_end")) if la)
+    flags = ", ".join(env.get("cpu_flags") or []) or "none of avx2/avx512f/avx512_bf16/amx"
+    return (f"Machine: {env.get('cpu_model')}, {env.get('cpu_count')} cores (flags: {flags}); native bf16: "
+            f"{'yes' if env.get('native_bf16') else 'no'} ({env.get('native_bf16_detail')}); load average "
+            f"(1/5/15 min) at start → end: {load or 'unknown'}.")
+
+
 def to_markdown(result: dict[str, Any]) -> str:
     env, settings = result["environment"], result["settings"]
     commit = (env.get("git_commit") or "unknown")[:12] + (" (uncommitted changes)" if env.get("git_dirty") else "")
     peaks = "; ".join(f"{d} {_flops(p['flops_per_s'])}/s ({p['size']}² matmul)" for d, p in result["peaks"].items()
                       if p.get("flops_per_s"))
-    lines = ["# engine bench", "", f"Command: `{result.get('command', '')}`", "",
+    lines = [f"Command: `{result.get('command', '')}`", "", "# engine bench", "", machine_line(env),
              f"Device: {env['device']} ({env['device_name']}, {env['torch_threads']} threads); torch {env['torch']}, "
              f"diffusers {env['diffusers']}, transformers {env['transformers']}, onnxruntime {env['onnxruntime']}, "
              f"tensorrt {env['tensorrt']}; git {commit}.",
              f"Measured device peak: {peaks or 'not measured'}.",
              f"Per preset: {settings['warmup']} warm-up run(s) (the first is 'first image': it pays compilation), then "
-             f"{settings['runs']} timed run(s), device-synchronised; median and p90. FLOPs are counted with "
+             f"{settings['runs']} timed run(s), device-synchronised; median, min–max and spread ((max − min) / "
+             f"median). Speed-ups are stock's median over the preset's, both from this run. FLOPs are counted with "
              f"FlopCounterMode on an eager stock run of each job (model FLOPs: work a cache skips still counts). "
              f"Quality is against the baseline's images, same seed. Total time {duration(result.get('duration_s'))}.",
              ""]
     for sc in result["scenarios"]:
         job = sc["job"]
         lines += [f"## {sc['name']} — {_job_title(job)} ({sc['description']})", "", header(_stages(job)),
-                  "|" + "---|" * 14]
+                  "|" + "---|" * COLUMNS]
         ok = [r for r in sc["rows"] if r["status"] == "ok"]
         lines += [_row_md(r, job) for r in ok]
         skipped = [r for r in sc["rows"] if r["status"] != "ok"]

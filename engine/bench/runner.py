@@ -1,6 +1,8 @@
-"""Scenarios -> runs. Per scenario, in one process on the same weights: the stock pipeline as the baseline (diffusers;
-for upscaling the reference aura-sr package), then each engine preset; warm-up runs, then N timed runs; FLOPs counted
-on an eager run of each distinct job; quality against the baseline's images of the same seed.
+"""Scenarios -> runs. Per scenario, in one process on the same weights: the stock pipeline in fp32 as the baseline
+(diffusers; for upscaling the reference aura-sr package), the stock pipeline in bf16 (where the device has native
+bf16; otherwise a skipped row saying why), then each engine preset; warm-up runs, then N timed runs; FLOPs counted on
+an eager run of each distinct job; quality against the baseline's images of the same seed; speed-ups against both
+stock rows, all taken in this one run.
 
 Every preset runs inside its own try: anything that goes wrong (a backend that is not installed, a pass that does
 not compile, an out-of-memory) becomes a skipped row with its reason and the run goes on, because one broken preset
@@ -20,9 +22,10 @@ import torch
 from PIL import Image
 
 from .metrics import FlopCount, PeakMemory, measure_peak_flops, timed
-from .presets import DTYPE_NAMES, EngineCounter, PresetSkipped, Row, Settings, repeat, run_engine, stock_runner
+from .presets import (DTYPE_NAMES, EngineCounter, Prepared, PresetSkipped, Row, Settings, prepare_engine,
+                      stock_runner, timed_rounds, warm_up)
 from .quality import psnr, ssim
-from .scenario import Job, Scenario
+from .scenario import Job, Preset, Scenario
 
 
 # -- one scenario ---------------------------------------------------------------------------------------------------
@@ -57,52 +60,85 @@ class ScenarioRun:
         self.reference_images: dict[tuple[Any, ...], list[Image.Image]] = {}
         self.quality_reference: str | None = None
         self.notes: list[str] = []
+        self._baseline: tuple[Any, Job, Row] | None = None  # the stock fp32 runner, kept for the FLOP counts
 
     def _jobs(self) -> dict[tuple[Any, ...], Job]:
         return {self.sc.job_for(p).key(): self.sc.job_for(p) for p in self.sc.presets}
 
     def run(self) -> None:
-        for preset in self.sc.presets:
-            self.on_start(preset.name)
-            job = self.sc.job_for(preset)
-            row = Row(preset=preset.name, kind="stock" if preset.stock else "engine", description=preset.description,
-                      job=asdict(job))
-            try:
-                if preset.stock:
-                    self._run_stock(job, row)
-                else:
-                    run_engine(preset, job, self.settings, row)
-            except Exception as e:  # noqa: BLE001 - any failure of one preset is that preset's row, not the run's end
-                _skip(row, e)
-            finally:
-                _free(self.settings.device)
-            self.rows.append(row)
-            self.on_done(row)
+        """Load and warm up every preset (keeping each loaded), then the timed runs round-robin, then free them."""
+        prepared: list[Prepared] = []
+        try:
+            for preset in self.sc.presets:
+                self.on_start(preset.name)
+                job = self.sc.job_for(preset)
+                row = Row(preset=preset.name, kind="stock" if preset.stock else "engine",
+                          description=preset.description, job=asdict(job), dtype=preset.dtype if preset.stock else None)
+                self.rows.append(row)
+                try:
+                    prepared.append(self._prepare_stock(preset, job, row) if preset.stock
+                                    else prepare_engine(preset, job, self.settings, row))
+                except Exception as e:  # noqa: BLE001 - any failure of one preset is that preset's row
+                    _skip(row, e)
+                    _free(self.settings.device)
+                    self.on_done(row)
+            timed_rounds(prepared, self.settings, self._failed)
+            for p in prepared:
+                if p.row.status == "ok":
+                    self.on_done(p.row)
+            self._count_stock(prepared)
+        finally:
+            for p in prepared:
+                p.close()
+            self._baseline = None
+            _free(self.settings.device)
         self._count_missing()
         self._derive()
 
-    def _run_stock(self, job: Job, row: Row) -> None:
+    def _failed(self, prepared: Prepared, exc: BaseException) -> None:
+        _skip(prepared.row, exc)
+        self.on_done(prepared.row)
+
+    def _prepare_stock(self, preset: Preset, job: Job, row: Row) -> Prepared:
+        missing = preset.missing_requirement(self.settings.device)
+        if missing:
+            raise PresetSkipped(missing)
+        dtype = {v: k for k, v in DTYPE_NAMES.items()}[preset.dtype]
         memory = PeakMemory(self.settings.device)
         runner: Any = None
         try:
             with memory.measure():
-                row.load_s, runner = timed(lambda: stock_runner(job, self.settings.device), self.settings.device)
+                row.load_s, runner = timed(lambda: stock_runner(job, self.settings.device, dtype),
+                                           self.settings.device)
                 row.dtype = DTYPE_NAMES.get(runner.dtype)
-                repeat(runner.call(job), self.settings, row, job.stages)
+                call = runner.call(job)
+                warm_up(call, self.settings, row)
             row.memory = memory.as_dict()
-            self.reference_images[job.key()] = row.images
-            self.quality_reference = row.preset
-            if self.settings.count_flops:  # every job of the scenario, on the stock pipeline (eager, no caches)
-                for key, other in self._jobs().items():
-                    try:
-                        self.flops[key], images = runner.count(other)
-                    except Exception as e:  # noqa: BLE001 - a preset's job the pipeline refuses: that preset fails
-                        self.notes.append(f"FLOP count of {_job_label(other)} failed: {type(e).__name__}: {e}")
-                        continue
-                    self.reference_images.setdefault(key, images)
-        finally:
+        except BaseException:
             if runner is not None:
                 runner.close()
+            raise
+        if preset.baseline:
+            self._baseline = (runner, job, row)
+        return Prepared(row, call, runner.close, job.stages)
+
+    def _count_stock(self, prepared: list[Prepared]) -> None:
+        """The baseline's images are the quality reference; every job of the scenario is FLOP-counted on it (eager,
+        no caches)."""
+        if self._baseline is None or self._baseline[2].status != "ok":
+            return
+        runner, job, row = self._baseline
+        self.reference_images[job.key()] = row.images
+        self.quality_reference = row.preset
+        if not self.settings.count_flops:
+            return
+        for key, other in self._jobs().items():
+            try:
+                self.flops[key], images = runner.count(other)
+            except Exception as e:  # noqa: BLE001 - a preset's job the pipeline refuses: that preset fails
+                self.notes.append(f"FLOP count of {_job_label(other)} failed: {type(e).__name__}: {e}")
+                continue
+            self.reference_images.setdefault(key, images)
 
     def _count_missing(self) -> None:
         """Jobs not counted on a stock pipeline (none in the scenario, or it failed): count them on an O0 engine,
@@ -137,21 +173,24 @@ class ScenarioRun:
 
     def _derive(self) -> None:
         ok = [r for r in self.rows if r.status == "ok"]
-        base = next((r for r in ok if r.kind == "stock"), None)
+        stock = {r.dtype: r for r in ok if r.kind == "stock"}
+        base = stock.get("fp32")
         for row in ok:
             try:
-                self._derive_row(row, base)
+                self._derive_row(row, base, stock.get("bf16"))
             except Exception as e:  # noqa: BLE001 - a figure that can't be derived is missing, the rest stays
                 row.notes.append(f"derived figures incomplete: {type(e).__name__}: {e}")
 
-    def _derive_row(self, row: Row, base: Row | None) -> None:
-        """Speed-up, FLOPs, FLOP/s, utilisation and quality of one finished preset."""
+    def _derive_row(self, row: Row, base: Row | None, base_bf16: Row | None) -> None:
+        """Speed-ups (against stock fp32 and stock bf16), FLOPs, FLOP/s, utilisation and quality of one preset."""
         base_key = self.sc.job.key()
         job = Job(**row.job)
         row.job_differs = job.key() != base_key
         median = row.timing["median_s"]
         if base is not None:
             row.speedup = base.timing["median_s"] / median
+        if base_bf16 is not None:
+            row.speedup_bf16 = base_bf16.timing["median_s"] / median
         count = self.flops.get(job.key())
         if count is not None:
             row.flops_per_image = count.total / job.num_images
@@ -207,7 +246,7 @@ def run_benchmark(scenarios: list[Scenario], settings: Settings) -> tuple[dict[s
     """Run every scenario; returns the JSON-ready result and each scenario's rows (with images) for the report."""
     from tqdm import tqdm
 
-    from .env import environment
+    from .env import environment, load_average
 
     started = time.time()
     peaks: dict[str, dict[str, Any]] = {}
@@ -232,4 +271,5 @@ def run_benchmark(scenarios: list[Scenario], settings: Settings) -> tuple[dict[s
             out["scenarios"].append(run.result(settings.count_reference))
             rows[sc.name] = run.rows
     out["duration_s"] = time.time() - started
+    out["environment"]["load_average_end"] = load_average()
     return out, rows

@@ -2,17 +2,22 @@
 into a typed `Scenario`.
 
 A scenario names one job per scale (tiny/small random-weight models, or the real model id) and the presets to compare
-on it: the stock diffusers pipeline (the baseline) and engine presets (an optimization level plus overrides, a
-few-step scheduler, an export backend). Keeping them as data means a new comparison is a YAML file, not code.
+on it: the stock pipeline in fp32 (the baseline: quality is measured against it), the stock pipeline in bf16 (what a
+user would otherwise run on hardware with native bf16: every speed-up is given against both) and engine presets (an
+optimization level plus overrides, a few-step scheduler, an export backend). Keeping them as data means a new
+comparison is a YAML file, not code.
 """
 
 from __future__ import annotations
 
 from dataclasses import astuple, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    import torch
 
 SCALES = ("tiny", "small", "real")
 # What each task's jobs are split into (the stage timers' names: pipelines report them, probes mark them on stock).
@@ -30,6 +35,7 @@ class Preset:
 
     name: str
     stock: bool = False
+    dtype: str = "fp32"  # stock presets: the dtype the stock pipeline is loaded in (fp32 is the baseline)
     opt_level: str = "O0"
     compile_config: dict[str, Any] = field(default_factory=dict)
     scheduler: str | None = None
@@ -38,20 +44,35 @@ class Preset:
     overlapping_tiles: bool | None = None  # upscale: second, half-tile-offset pass blended in
     shared_style: bool | None = None  # upscale: one style per call (precomputed modulated weights)
     quick: bool = True  # part of a --quick run
-    requires: tuple[str, ...] = ()  # "cuda", or importable packages: checked before loading (saves a doomed load)
+    requires: tuple[str, ...] = ()  # "cuda", "bf16" (native bf16), or importable packages: checked before loading
     description: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "requires", tuple(self.requires))
+        if self.dtype not in ("fp32", "bf16", "fp16"):
+            raise TypeError(f"preset {self.name}: dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
+        if self.dtype != "fp32" and not self.stock:
+            raise TypeError(f"preset {self.name}: dtype is for stock presets (engine presets: compile_config dtype)")
 
-    def missing_requirement(self, device_type: str) -> str | None:
-        """Why this preset cannot run on `device_type` here, or None."""
+    @property
+    def baseline(self) -> bool:
+        """The stock pipeline in fp32: the reference every quality figure and the first speed-up are taken against."""
+        return self.stock and self.dtype == "fp32"
+
+    def missing_requirement(self, device: "torch.device") -> str | None:
+        """Why this preset cannot run on `device` here, or None."""
         import importlib.util
 
         for need in self.requires:
             if need == "cuda":
-                if device_type != "cuda":
-                    return f"needs a CUDA device (device is {device_type})"
+                if device.type != "cuda":
+                    return f"needs a CUDA device (device is {device.type})"
+            elif need == "bf16":
+                from .env import native_bf16
+
+                ok, detail = native_bf16(device)
+                if not ok:
+                    return f"needs native bf16 ({detail}); a stock bf16 run here would time emulation"
             elif importlib.util.find_spec(need) is None:
                 return f"needs the {need!r} package (not installed)"
         return None
@@ -97,6 +118,7 @@ class Scenario:
     presets: tuple[Preset, ...]
     reference_jobs: tuple[str, ...] = ()  # ids in engine.bench.reference.PUBLISHED_JOBS to project
     source: str = ""
+    preset_names: tuple[str, ...] = ()  # every preset the file defines (before --quick / --presets filtering)
 
     def job_for(self, preset: Preset) -> Job:
         """The job `preset` runs: the scenario's, with the preset's steps (never more), guidance and scheduler, or
@@ -135,8 +157,9 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def load_scenario(path: Path, scale: str, *, quick: bool = False, model: str | None = None,
-                  steps: int | None = None) -> Scenario:
-    """Resolve `path` for `scale`: the scale's job, with --quick's overrides, then an explicit model id / steps."""
+                  steps: int | None = None, only: list[str] | None = None) -> Scenario:
+    """Resolve `path` for `scale`: the scale's job, with --quick's overrides, then an explicit model id / steps;
+    `only` keeps the presets of those names (the CLI checks that each name is some scenario's)."""
     data = _read(path)
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
@@ -162,9 +185,13 @@ def load_scenario(path: Path, scale: str, *, quick: bool = False, model: str | N
         raise ValueError(f"scenario {path.stem}: {e}") from None
     if quick:
         presets = tuple(p for p in presets if p.quick)
-    if sum(p.stock for p in presets) > 1:
-        raise ValueError(f"scenario {path.stem}: at most one stock (baseline) preset")
-    # The baseline runs first: every other preset's quality is measured against its images.
-    presets = tuple(sorted(presets, key=lambda p: not p.stock))
+    if only:
+        presets = tuple(p for p in presets if p.name in only)
+    for dtype in ("fp32", "bf16", "fp16"):
+        if sum(p.stock and p.dtype == dtype for p in presets) > 1:
+            raise ValueError(f"scenario {path.stem}: at most one stock preset per dtype ({dtype})")
+    # The baseline runs first (every other preset's quality is measured against its images), then stock bf16.
+    presets = tuple(sorted(presets, key=lambda p: (not p.baseline, not p.stock)))
     return Scenario(name=data.get("name", path.stem), description=data.get("description", ""), scale=scale, job=job,
-                    presets=presets, reference_jobs=tuple(data.get("reference_jobs", [])), source=str(path))
+                    presets=presets, reference_jobs=tuple(data.get("reference_jobs", [])), source=str(path),
+                    preset_names=tuple(p.get("name", "") for p in data.get("presets", [])))

@@ -86,9 +86,11 @@ def _has_torchvision() -> bool:
 
 
 class ReferenceUpscaler:
-    """The stock runner of an upscale job: `aura_sr.AuraSR` holding the weights our loader read for `model`."""
+    """The stock runner of an upscale job: `aura_sr.AuraSR` holding the weights our loader read for `model`. The
+    package feeds fp32 tiles whatever its weights' dtype, so its bf16 run is the one a user would make: fp32 weights
+    under `torch.autocast(dtype=bfloat16)`."""
 
-    def __init__(self, model: str, device: torch.device):
+    def __init__(self, model: str, device: torch.device, dtype: torch.dtype = torch.float32):
         from ..loading.aurasr import load_aurasr
 
         aura_sr = import_reference()
@@ -99,10 +101,8 @@ class ReferenceUpscaler:
         self.reference.upsampler.eval()
         self.probe = TileProbe(self.reference.upsampler, device)
         self._inputs: dict[tuple[Any, ...], Image.Image] = {}
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.reference.upsampler.parameters()).dtype
+        self.dtype = dtype
+        self._autocast = dtype != torch.float32
 
     def _upscale(self, job: Job) -> list[Image.Image]:
         if job.shared_style:
@@ -110,7 +110,8 @@ class ReferenceUpscaler:
         image = self._inputs.setdefault(job.key(), input_image(job))
         torch.manual_seed(job.seed)  # the reference draws its noise from the global RNG
         run = self.reference.upscale_4x_overlapped if job.overlapping_tiles else self.reference.upscale_4x
-        return [run(image)]
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self._autocast):
+            return [run(image)]
 
     def call(self, job: Job) -> Any:
         def run() -> tuple[list[Image.Image], dict[str, float]]:

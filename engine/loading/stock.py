@@ -9,10 +9,11 @@ from typing import Any
 from ..families import get_family
 
 
-def build_stock_pipeline(family_name: str, components: dict[str, Any]) -> Any:
+def build_stock_pipeline(family_name: str, components: dict[str, Any], pipeline_class: str | None = None) -> Any:
+    """`pipeline_class` (a diffusers class name) defaults to the family's text-to-image pipeline."""
     import diffusers
 
-    cls = getattr(diffusers, get_family(family_name).stock_pipeline)
+    cls = getattr(diffusers, pipeline_class or get_family(family_name).stock_pipeline)
     params = inspect.signature(cls.__init__).parameters
     kwargs = {k: v for k, v in components.items() if k in params}
     for name, p in params.items():

@@ -245,6 +245,11 @@ class TextToImagePipeline:
         """Whether the job runs the VAE encoder (an exported VAE has only its decoder)."""
         return params.image is not None
 
+    def denoising_steps(self, steps: int, strength: float) -> int:
+        """The steps an image-conditioned job runs (diffusers' `get_timesteps` for SD and SDXL); zero is an error
+        diffusers would raise mid-job."""
+        return min(int(steps * strength), steps)
+
     def default_strength(self, params: GenerationParams) -> float:
         """The diffusers class's own default strength for this mode."""
         return float(call_parameters(self.spec(params).resolve())["strength"].default)

@@ -29,6 +29,10 @@ class FluxEnginePipeline(TextToImagePipeline):
         """FLUX ControlNets take the VAE-encoded control image."""
         return params.image is not None or bool(params.controls)
 
+    def denoising_steps(self, steps: int, strength: float) -> int:
+        """FLUX's `get_timesteps` rounds the other way: it keeps the last `steps * strength` steps, rounded up."""
+        return steps - int(max(steps - steps * strength, 0))
+
     def uses_cfg(self, params: GenerationParams) -> bool:
         return params.true_cfg_scale > 1.0 and params.negative_prompt is not None
 

@@ -48,6 +48,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
 """
+# columns added after the first release: (name, declaration), added to an older file when it is opened
+_ADDED_COLUMNS = (("started_at", "REAL"),)
 
 
 def default_state_dir() -> Path | None:
@@ -75,6 +77,20 @@ class StoredJob:
     bytes: int = 0
 
 
+@dataclass(frozen=True)
+class JobTiming:
+    """When one job was submitted, started and finished (wall clock), and how it ended."""
+
+    id: str
+    app_id: str
+    state: str
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    error_type: str | None
+    error: str | None
+
+
 def _dumps(value: Any) -> str | None:
     return None if value is None else json.dumps(value, separators=(",", ":"))
 
@@ -96,6 +112,11 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, declaration in _ADDED_COLUMNS:
+            if name not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
+        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at)")
         self._seq = int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0])
         self.closed = False
 
@@ -124,7 +145,7 @@ class JobStore:
                 (job_id, self._seq, app_id, created_at or time.time(), _dumps(record), _dumps(meta) or "{}"))
 
     def started(self, job_id: str) -> None:
-        self._execute("UPDATE jobs SET state='IN_PROGRESS' WHERE id=?", (job_id,))
+        self._execute("UPDATE jobs SET state='IN_PROGRESS', started_at=? WHERE id=?", (time.time(), job_id))
 
     def finished(self, job_id: str, *, result: Any, error: dict[str, Any] | None, logs: list[dict[str, Any]],
                  files: list[dict[str, Any]], inference_time: float | None, result_json: str | None,
@@ -165,6 +186,19 @@ class JobStore:
         rows = self._execute("SELECT id, finished_at, bytes, files FROM jobs WHERE state='COMPLETED' "
                              "ORDER BY finished_at, seq")
         return [(r[0], r[1] or 0.0, r[2] or 0, json.loads(r[3] or "[]")) for r in rows]
+
+    def timings_since(self, since: float) -> list[JobTiming]:
+        """Every job submitted at or after `since` (wall clock), oldest first: what the analytics page aggregates."""
+        rows = self._execute(
+            "SELECT id, app_id, state, created_at, started_at, finished_at, error FROM jobs WHERE created_at >= ? "
+            "ORDER BY created_at, seq", (since,))
+        out = []
+        for job_id, app_id, state, created, started, finished, error in rows:
+            err = json.loads(error) if error else None
+            out.append(JobTiming(job_id, app_id, state, created, started, finished,
+                                 (err or {}).get("error_type") if err else None,
+                                 (err or {}).get("message") if err else None))
+        return out
 
     # -- lifetime -------------------------------------------------------------------------------------------------
     def close(self) -> None:

@@ -8,6 +8,8 @@ Point the official client here with `FAL_RUN_HOST=H:P` and `FAL_QUEUE_RUN_HOST=H
   GET  /queue/{any}/requests/{id}                 result
   PUT  /queue/{any}/requests/{id}/cancel          cancel
   GET  /files/{key}  GET /health  GET /metrics  GET /openapi.json
+and, from `surface.py`: the storage (upload) routes, GET .../requests/{id}/status/stream (SSE), POST /tokens/ and
+the /{app_id}/realtime websocket, signed webhooks, and OpenAI's /v1/images/generations, /v1/images/edits, /v1/models.
 Every app id gets its own run, stream and submit routes, so `/openapi.json` lists each with its input schema (the
 endpoint's pydantic model, the one that validates the body before any engine code runs) and its output schema.
 Validation, input fetching and encoding run in worker threads; the event loop only routes and waits. No exception
@@ -46,6 +48,8 @@ from ..service import FalService, job_result, job_status, status_json, wait_chan
 from . import schemas
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
+from .pages import add_page_routes
+from .surface import add_surface_routes, local_inputs
 
 log = logging.getLogger(__name__)
 
@@ -224,10 +228,11 @@ def create_app(engine: Any, *, api_key: str | None = None, allow_private_urls: b
     key_header = APIKeyHeader(name="Authorization", scheme_name="FalKey", auto_error=False,
                               description="`Key <api key>` (fal's form); required when the server has a key")
 
+    def key_ok(given: str | None) -> bool:
+        return expected is None or hmac.compare_digest((given or "").encode("utf-8", "surrogateescape"), expected)
+
     async def authorize(given: str | None = Security(key_header)) -> None:
-        if expected is None:
-            return
-        if not hmac.compare_digest((given or "").encode("utf-8", "surrogateescape"), expected):
+        if not key_ok(given):
             raise UnauthorizedError("missing or wrong API key (send `Authorization: Key <key>`)")
 
     app = FastAPI(title="engine", version="1", docs_url=None, redoc_url=None, openapi_url=None,
@@ -282,7 +287,8 @@ def create_app(engine: Any, *, api_key: str | None = None, allow_private_urls: b
             base_url = str(request.base_url)
 
             def submit() -> Job:
-                call = service.prepare(app_id, arguments)
+                with local_inputs(service.files, surface.own_bases(base_url)):  # our file URLs: read, not fetched
+                    call = service.prepare(app_id, arguments)
                 if ignored:
                     call.notes.insert(0, f"ignored unknown arguments: {', '.join(ignored)}")
                 return service.enqueue(call, base_url=base_url, webhook_url=webhook_url, want_previews=previews,
@@ -394,6 +400,10 @@ def create_app(engine: Any, *, api_key: str | None = None, allow_private_urls: b
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"x-fal-request-id": job.id, "cache-control": "no-cache"})
 
+    add_page_routes(app, service, auth=auth)  # GET /, /analytics and their data routes
+    # uploads, status streaming, realtime, webhooks, OpenAI images API (before the catch-all POST below)
+    surface = add_surface_routes(app, service, auth=auth, key_ok=key_ok, api_key=api_key, metrics=metrics)
+    app.state.surface = surface
     for spec in ENDPOINTS.values():
         _add_app_routes(app, spec, auth, submit=submit, run=run, stream=stream)
 

@@ -51,6 +51,16 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     serve.add_argument("--max-jobs", type=int, default=1000, help="finished jobs kept at most (oldest go first)")
     serve.add_argument("--max-result-bytes", type=int, default=1 << 30,
                        help="bytes of kept results plus output files at most (oldest go first)")
+    serve.add_argument("--max-upload-bytes", type=int, default=64 * 1024 * 1024,
+                       help="largest file the storage routes accept (refused with 413 before it is stored whole)")
+    serve.add_argument("--max-uploads-bytes", type=int, default=1 << 30,
+                       help="bytes of all live uploads together at most (uploads expire with --retention)")
+    serve.add_argument("--public-url", action="append", default=[], metavar="URL",
+                       help="a base URL clients reach this server by besides its own (behind a proxy): file URLs "
+                            "under it given as inputs are read from the file store, not fetched (repeatable)")
+    serve.add_argument("--webhook-attempts", type=int, default=5,
+                       help="deliveries of a webhook at most (retried on 408/429/5xx and network errors, back-off "
+                            "from 1 s doubling)")
     serve.add_argument("--preload", action="store_true", help="load the text-to-image models of every app first")
     serve.add_argument("--log-level", default="info")
     from ..runtime.planner import add_memory_arguments
@@ -145,6 +155,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # HTTP callers are untrusted (create_app): registry or hub ids only, never local paths.
     app.state.service.allow_models = frozenset(args.allow_model)
     app.state.service.allow_hub_downloads = args.allow_hub_downloads
+    app.state.service.files.max_upload_bytes = args.max_upload_bytes
+    app.state.service.files.max_uploads_bytes = args.max_uploads_bytes
+    app.state.service.webhooks.attempts = max(1, args.webhook_attempts)
+    app.state.surface.public_urls = [url.rstrip("/") + "/" for url in args.public_url]
     if args.preload and not replicas:  # replicas preload at start (each its own engine)
         for model in _preload_models(app.state.service.table):
             engine.load(model)

@@ -96,4 +96,5 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorBody, "description": text.get(status, "error")} for status in statuses}
 
 
-OUTPUTS: dict[str, type[BaseModel]] = {"text-to-image": TextToImageOutput, "upscale": UpscaleOutput}
+OUTPUTS: dict[str, type[BaseModel]] = {"text-to-image": TextToImageOutput, "upscale": UpscaleOutput,
+                                      "creative-upscale": UpscaleOutput}
