@@ -14,7 +14,7 @@ import logging
 import secrets
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -375,20 +375,7 @@ class Engine:
             request = parse_request(GenerateRequest, kwargs)
         elif kwargs:
             raise InvalidRequestError("request", "pass either a GenerateRequest or keyword fields, not both")
-        inputs = self._decode_images(request)  # before the model and the device: bad input fails fast
-        slot = self._slot(request.model)
-        params = self._resolve(request, slot.loaded, inputs)
-        params = self._conditioning(request, slot, params, inputs)
-        denoiser = slot.loaded.family.denoiser
-        if request.loras and denoiser in slot.exported:
-            raise InvalidRequestError("loras", f"the {denoiser} of {request.model} runs as an exported "
-                                      f"{slot.exported[denoiser]} graph, which cannot take LoRA adapters; load it "
-                                      "with backend='torch' to use LoRAs")
-        if request.loras:
-            self._check_lora_compatible(request.model, slot)
-        # Fetch adapters before taking the device: a download must not hold up other jobs.
-        loras = [resolve_lora(spec, i, allow_private_urls=self.allow_private_urls) for i, spec in enumerate(request.loras)]
-        params = dataclasses.replace(params, lora_key=tuple((lo.sha256, lo.scale) for lo in loras))
+        slot, params, loras = self._prepare(request)
         failure = None
         try:
             out = self._run(request.model, slot, loras, params, step_callback)
@@ -412,6 +399,32 @@ class Engine:
                       width=params.width, height=params.height, num_inference_steps=params.num_inference_steps,
                       guidance_scale=params.guidance_scale, prompt=params.prompt)
 
+    def generate_batch(self, requests: Sequence[GenerateRequest]) -> list[Result | Exception]:
+        """Text-to-image requests that share model, size, steps, guidance and adapters as one batched model call
+        (engine/scaleout/batched.py); each result equals its request's own `generate` (its seed, its generator).
+        One result or exception per request, in order."""
+        from .scaleout.batched import generate_batch
+
+        return generate_batch(self, list(requests))
+
+    def _prepare(self, request: GenerateRequest) -> tuple[_Slot, GenerationParams, list[Any]]:
+        """A request checked and resolved against its model: (slot, params, resolved adapters)."""
+        inputs = self._decode_images(request)  # before the model and the device: bad input fails fast
+        slot = self._slot(request.model)
+        params = self._resolve(request, slot.loaded, inputs)
+        params = self._conditioning(request, slot, params, inputs)
+        denoiser = slot.loaded.family.denoiser
+        if request.loras and denoiser in slot.exported:
+            raise InvalidRequestError("loras", f"the {denoiser} of {request.model} runs as an exported "
+                                      f"{slot.exported[denoiser]} graph, which cannot take LoRA adapters; load it "
+                                      "with backend='torch' to use LoRAs")
+        if request.loras:
+            self._check_lora_compatible(request.model, slot)
+        # Fetch adapters before taking the device: a download must not hold up other jobs.
+        loras = [resolve_lora(spec, i, allow_private_urls=self.allow_private_urls) for i, spec in enumerate(request.loras)]
+        params = dataclasses.replace(params, lora_key=tuple((lo.sha256, lo.scale) for lo in loras))
+        return slot, params, loras
+
     @staticmethod
     def _check_lora_compatible(model: str, slot: _Slot) -> None:
         """Adapters need float weights to split and wrap: refuse (422) what would otherwise fail inside PEFT."""
@@ -426,7 +439,8 @@ class Engine:
             raise InvalidRequestError("loras", f"{model} cannot take LoRA adapters: " + "; ".join(reasons))
 
     def _run(self, model: str, slot: _Slot, loras: list[Any], params: GenerationParams,
-             step_callback: StepCallback | None) -> Any:
+             step_callback: StepCallback | None, runner: Callable[[Any], Any] | None = None) -> Any:
+        """Run `params` (or `runner(pipeline)`, sized as `params`) on the slot's pipeline under the run lock."""
         cfg = slot.pipeline.uses_cfg(params)  # the pipeline's rule (LCM UNets: none; FLUX: true CFG only)
         for _ in range(3):
             plan, warning = self._planner.for_request(slot.plan, params.width, params.height, params.num_images, cfg)
@@ -437,6 +451,8 @@ class Engine:
                     self._planner.set_vae_options(slot.loaded.components, plan)
                     if loras or slot.loras is not None:
                         self._apply_loras(slot, loras)
+                    if runner is not None:
+                        return runner(slot.pipeline)
                     return run_compiled(slot.pipeline, params, step_callback)
             slot = self._slot(model)
         raise InsufficientMemoryError(f"{model} was evicted three times while waiting to run: too many models "

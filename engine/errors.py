@@ -178,6 +178,13 @@ class JobInterruptedError(EngineError):
     http_status = 503
 
 
+class ReplicaDiedError(EngineError):
+    """The scale-out worker replica running this job died (it is replaced; queued jobs go on): submit it again."""
+
+    error_type = "replica_died"
+    http_status = 503
+
+
 class RestoredJobError(EngineError):
     """A finished job's error as read back from the job store: same message, `error_type`, status and body."""
 

@@ -63,6 +63,11 @@ def error_record(error: BaseException) -> dict[str, Any]:
 _CURRENT_JOB: contextvars.ContextVar["Job | None"] = contextvars.ContextVar("engine_current_job", default=None)
 
 
+def current_job() -> "Job | None":
+    """The job the calling worker thread runs (None outside a job): for code that waits on a job's behalf."""
+    return _CURRENT_JOB.get()
+
+
 def note_file(key: str, path: str, size: int) -> None:
     """Record that the running job wrote this output file (removed with the job's result)."""
     job = _CURRENT_JOB.get()

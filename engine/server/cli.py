@@ -9,6 +9,7 @@ The official client needs https: give a certificate (and trust its CA on the cli
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -65,8 +66,28 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     from ..runtime.planner import add_memory_arguments
 
     add_memory_arguments(serve)
+    from ..scaleout.serve import add_scaleout_arguments
+
+    add_scaleout_arguments(serve)
     serve.set_defaults(func=cmd_serve)
     return serve
+
+
+def _preload_models(table: Any) -> list[str]:
+    """The text-to-image models the endpoint table serves that are available offline (what --preload loads)."""
+    from ..endpoints import ENDPOINTS
+    from ..loading import available_offline
+    from ..registry import find_spec
+
+    models: list[str] = []
+    for app_id in ENDPOINTS:
+        model = table.model_for(app_id)
+        spec = find_spec(model) if model else None
+        if spec is not None and spec.family_spec.task == "text-to-image" and available_offline(spec):
+            if model not in models:
+                log.info("preloading %s for %s", model, app_id)
+                models.append(model)
+    return models
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -80,9 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from ..api import Engine
     from ..runtime.planner import engine_memory_kwargs
-    from ..endpoints import ENDPOINTS, parse_override
-    from ..loading import available_offline
-    from ..registry import find_spec
+    from ..endpoints import parse_override
     from ..runtime.files import FileStore
     from .app import create_app
 
@@ -101,13 +120,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except StateDirLockedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    engine = Engine(device=args.device, opt_level=args.opt_level, allow_private_urls=args.allow_private_urls,
-                    compile_config={"backend": args.backend} if args.backend else None,
-                    **engine_memory_kwargs(args))
+    engine_kwargs = dict(device=args.device, opt_level=args.opt_level, allow_private_urls=args.allow_private_urls,
+                         compile_config={"backend": args.backend} if args.backend else None,
+                         **engine_memory_kwargs(args))
+    from ..scaleout.serve import wants_replicas
+
+    replicas = wants_replicas(args)
+    if replicas:  # the engines run in Ray Serve replicas; this process keeps the one queue and job store
+        from ..scaleout.serve import RayMissingError, config_from_args, queue_for_replicas, require_ray, start_replicas
+
+        try:
+            require_ray()
+            config = config_from_args(args, engine_kwargs)
+            if args.preload:
+                from ..endpoints import EndpointTable
+
+                config = dataclasses.replace(config, preload=tuple(_preload_models(EndpointTable(overrides))))
+        except (RayMissingError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        engine = start_replicas(config)
+        queue_for_replicas(engine, config, state, retention_s=args.retention, max_jobs=args.max_jobs,
+                           max_bytes=args.max_result_bytes)
+    else:
+        engine = Engine(**engine_kwargs)
     app = create_app(engine, api_key=args.api_key, allow_private_urls=args.allow_private_urls,
                      endpoint_overrides=overrides, timeout_s=args.timeout, retention_s=args.retention,
                      files=FileStore(args.files_dir, ttl_s=args.retention) if args.files_dir else None,
                      state_dir=state, max_jobs=args.max_jobs, max_bytes=args.max_result_bytes)
+    if replicas:  # on uvicorn's shutdown (it re-raises SIGTERM after it, so code after `run` may never run)
+        from ..scaleout.serve import stop_replicas
+
+        app.router.on_shutdown.append(stop_replicas)
     # HTTP callers are untrusted (create_app): registry or hub ids only, never local paths.
     app.state.service.allow_models = frozenset(args.allow_model)
     app.state.service.allow_hub_downloads = args.allow_hub_downloads
@@ -115,14 +159,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app.state.service.files.max_uploads_bytes = args.max_uploads_bytes
     app.state.service.webhooks.attempts = max(1, args.webhook_attempts)
     app.state.surface.public_urls = [url.rstrip("/") + "/" for url in args.public_url]
-    if args.preload:
-        table = app.state.service.table
-        for app_id in ENDPOINTS:
-            model = table.model_for(app_id)
-            spec = find_spec(model) if model else None
-            if spec is not None and spec.family_spec.task == "text-to-image" and available_offline(spec):
-                log.info("preloading %s for %s", model, app_id)
-                engine.load(model)
+    if args.preload and not replicas:  # replicas preload at start (each its own engine)
+        for model in _preload_models(app.state.service.table):
+            engine.load(model)
     uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
                 log_level=args.log_level, workers=1, timeout_graceful_shutdown=5)
     app.state.service.close(timeout=5.0)  # threads stopped; a durable store keeps queued jobs for the next start

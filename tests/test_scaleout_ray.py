@@ -1,0 +1,272 @@
+"""Scale-out on a local Ray cluster (2 CPUs, small object store, 2 replicas of tiny models, 2-step 64x64 images):
+the in-process ingress (the real ASGI app over TLS, one queue) drives Ray Serve replicas, reached by the unmodified
+fal client. 40 requests spread over both replicas and equal the single-process results for the same seeds; a replica
+killed mid-run is replaced, its running job fails as `replica_died` and the rest finish; requests with adapters go
+back to the replica holding their adapter set. Skipped without Ray (`pip install 'engine[ray]'`).
+
+fal_client reads FAL_RUN_HOST at import, so the port is chosen before the import (as in test_server.py)."""
+
+import base64
+import io
+import os
+import socket
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+PORT = _free_port()
+API_KEY = "scaleout-key"
+os.environ["FAL_RUN_HOST"] = f"127.0.0.1:{PORT}"
+os.environ["FAL_QUEUE_RUN_HOST"] = f"127.0.0.1:{PORT}/queue"
+os.environ["FAL_KEY"] = API_KEY
+
+ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'engine[ray]'")
+pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'engine[ray]'")
+fal_client = pytest.importorskip("fal_client")
+trustme = pytest.importorskip("trustme")
+uvicorn = pytest.importorskip("uvicorn")
+
+from conftest import images_close  # noqa: E402
+
+APP = "fal-ai/stable-diffusion-v1-5"
+ENDPOINTS = {APP: "tiny-sd15"}
+ARGS = {"width": 64, "height": 64, "num_inference_steps": 2, "sync_mode": True, "output_format": "png"}
+
+
+def decode(image_obj: dict) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(image_obj["url"].split(",", 1)[1]))).convert("RGB")
+
+
+class Cluster:
+    def __init__(self, remote, app, ca_file):
+        self.remote, self.app, self.ca_file = remote, app, ca_file
+
+    @property
+    def service(self):
+        return self.app.state.service
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if fal_client.client.RUN_URL_FORMAT != f"https://127.0.0.1:{PORT}/":
+        pytest.skip("fal_client was imported before this module set FAL_RUN_HOST; run this module on its own")
+    from engine.scaleout.serve import ScaleoutConfig, queue_for_replicas, start_replicas, stop_replicas
+    from engine.server.app import create_app
+
+    tmp = tmp_path_factory.mktemp("scaleout")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca_file, cert_file, key_file = tmp / "ca.pem", tmp / "cert.pem", tmp / "key.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    cert_file.write_bytes(b"".join(pem.bytes() for pem in cert.cert_chain_pems))
+
+    config = ScaleoutConfig(replicas=2, ray_cpus=2, num_cpus=0.5, object_store_bytes=128 * 1024 * 1024,
+                            engine_kwargs={"device": "cpu"}, preload=("tiny-sd15",))
+    remote = start_replicas(config)
+    server = None
+    try:
+        queue_for_replicas(remote, config, str(tmp / "state"), retention_s=600, max_jobs=None, max_bytes=None)
+        app = create_app(remote, api_key=API_KEY, endpoint_overrides=ENDPOINTS, state_dir=str(tmp / "state"))
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=PORT, ssl_certfile=str(cert_file),
+                                               ssl_keyfile=str(key_file), log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "ingress did not start"
+            time.sleep(0.05)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("SSL_CERT_FILE", str(ca_file))
+            yield Cluster(remote, app, ca_file)
+    finally:
+        if server is not None:
+            server.should_exit = True
+            time.sleep(0.5)
+        stop_replicas()
+
+
+@pytest.fixture(scope="module")
+def local_service():
+    """The single-process path (`engine serve` without replicas): the same endpoints over a local Engine."""
+    from engine import Engine
+    from engine.service import FalService
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each replica runs (Ray gives a 1-CPU actor one thread): the same float sums
+    engine = Engine(device="cpu")
+    try:
+        with FalService(engine, endpoint_overrides=ENDPOINTS, trusted=True) as service:
+            yield service
+    finally:
+        engine.close()
+        torch.set_num_threads(threads)
+
+
+def _replica_actors() -> list[str]:
+    """Names of the live worker replicas' actors (Serve names them after the app and deployment)."""
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == "serve" and "EngineWorker" in a["name"]]
+    return sorted(names)
+
+
+def _wait_replicas(n: int, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while len(_replica_actors()) < n:
+        assert time.monotonic() < deadline, f"Serve did not bring {n} replicas back"
+        time.sleep(0.5)
+
+
+def test_40_requests_spread_over_both_replicas_and_equal_single_process(cluster, local_service):
+    before = dict(cluster.remote.per_replica)
+    handles = [fal_client.submit(APP, {"prompt": f"a lighthouse {i % 4}", "seed": i, **ARGS}) for i in range(40)]
+    results = [h.get() for h in handles]
+    served = {k: v - before.get(k, 0) for k, v in cluster.remote.per_replica.items()}
+    assert sum(served.values()) == 40 and len([v for v in served.values() if v > 0]) == 2, served
+    exact = 0
+    for i, out in enumerate(results):
+        assert out["seed"] == i
+        want = local_service.run(APP, {"prompt": f"a lighthouse {i % 4}", "seed": i, **ARGS})
+        ok, frac = images_close([decode(out["images"][0])], [decode(want["images"][0])])
+        assert ok, (i, frac)
+        exact += decode(out["images"][0]).tobytes() == decode(want["images"][0]).tobytes()
+    assert exact == 40, exact
+    status = fal_client.status(APP, handles[0].request_id, with_logs=True)  # the ingress's one queue knows each job
+    assert isinstance(status, fal_client.Completed) and any("ran on replica" in e["message"] for e in status.logs)
+
+
+def test_killed_replica_is_replaced_and_only_its_running_job_fails(cluster):
+    handles = [fal_client.submit(APP, {"prompt": f"slow {i}", "seed": i, **ARGS, "num_inference_steps": 25})
+               for i in range(6)]
+    deadline = time.monotonic() + 60
+    while not any(isinstance(fal_client.status(APP, h.request_id), fal_client.InProgress) for h in handles):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.3)
+    victim = _replica_actors()[0]
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    finals = []
+    for h in handles:
+        for event in h.iter_events(interval=0.2):
+            pass
+        finals.append(event)
+    kinds = [f.error_type for f in finals]
+    died = [k for k in kinds if k == "replica_died"]
+    assert 1 <= len(died) <= 2 and all(k in (None, "replica_died") for k in kinds), kinds
+    assert kinds.count(None) >= 4, kinds  # queued jobs went on to the surviving (and the new) replica
+    failed = next(f for f in finals if f.error_type == "replica_died")
+    assert "replica" in failed.error
+    _wait_replicas(2)
+    out = fal_client.run(APP, {"prompt": "after", "seed": 1, **ARGS})
+    assert decode(out["images"][0]).size == (64, 64)
+
+
+def test_adapter_sets_route_back_to_the_replica_that_holds_them(cluster, tmp_path):
+    from engine.requests import GenerateRequest
+    from test_lora import make_lora
+
+    _wait_replicas(2)
+    paths = {name: str(make_lora(tmp_path / f"{name}.safetensors", seed, family="sd15"))
+             for name, seed in (("a", 11), ("b", 12))}
+
+    def run(name, seed):
+        request = GenerateRequest(model="tiny-sd15", prompt="x", width=64, height=64, num_inference_steps=2,
+                                  seed=seed, loras=[{"path": paths[name]}])
+        return cluster.remote.generate(request)
+
+    start = len(cluster.remote.placements)
+    run("a", 0)
+    run("b", 0)
+    time.sleep(1.5)  # the replicas report the adapter sets they now hold to Serve's router
+    home = {key: replica for key, replica in cluster.remote.placements[start:start + 2]}
+    assert len(home) == 2
+    for i in range(6):
+        run("ab"[i % 2], i)
+    after = cluster.remote.placements[start + 2:]
+    assert len(after) == 6 and all(home[key] == replica for key, replica in after), (home, after)
+
+
+def test_engine_errors_in_a_replica_keep_their_type(cluster):
+    """An error the replica's engine raises on purpose reaches the ingress as that error (422 invalid_request),
+    not as a wrapped Ray task error."""
+    from engine.errors import EngineError
+    from engine.requests import GenerateRequest
+    from engine.server.app import error_body
+
+    _wait_replicas(2)
+    request = GenerateRequest(model="tiny-sd15", prompt="x", width=64, height=64, num_inference_steps=2,
+                              scheduler="no-such-scheduler")
+    with pytest.raises(EngineError) as info:
+        cluster.remote.generate(request)
+    error = info.value
+    assert (error.error_type, error.http_status) == ("invalid_request", 422) and "scheduler" in str(error)
+    body = error_body(error)
+    assert body["error_type"] == "invalid_request" and body["detail"][0]["loc"][:2] == ["body", "scheduler"]
+
+def test_the_callers_policy_travels_to_the_replica(cluster, tmp_path):
+    """Model and LoRA resolution in a replica sees the ingress caller's policy: an untrusted caller's local LoRA
+    path is refused there (422) exactly as in the single-process server; a trusted caller's is loaded."""
+    from engine.errors import EngineError
+    from engine.loading import CallerPolicy, as_caller
+    from engine.requests import GenerateRequest
+    from test_lora import make_lora
+
+    path = str(make_lora(tmp_path / "c.safetensors", 13, family="sd15"))
+    request = GenerateRequest(model="tiny-sd15", prompt="x", width=64, height=64, num_inference_steps=2, seed=1,
+                              loras=[{"path": path}])
+    with as_caller(CallerPolicy(trusted=False)), pytest.raises(EngineError) as info:
+        cluster.remote.generate(request)
+    assert (info.value.error_type, info.value.http_status) == ("refused_source", 422)
+    assert "loras.0.path" in str(info.value)
+    assert cluster.remote.generate(request).images[0].size == (64, 64)
+
+def test_batching_on_a_replica_runs_fewer_model_calls_with_equal_images(cluster, local_service):
+    """Redeploys the app as 1 replica batching up to 8 (last in this module): 8 concurrent same-shape requests."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engine.requests import GenerateRequest
+    from engine.scaleout.batching import BatchConfig
+    from engine.scaleout.serve import ScaleoutConfig, start_replicas
+
+    config = ScaleoutConfig(replicas=1, num_cpus=0.5, batching=BatchConfig(max_batch_size=8, max_wait_s=0.5),
+                            engine_kwargs={"device": "cpu"}, preload=("tiny-sd15",))
+    remote = start_replicas(config)
+    requests = [GenerateRequest(model="tiny-sd15", prompt=f"boat {i}", width=64, height=64, num_inference_steps=2,
+                                seed=50 + i) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(remote.generate, requests))
+    sizes = [r.extra.get("batch_size", 1) for r in results]
+    batches = sum(1 / s for s in sizes)
+    assert max(sizes) > 1 and batches < 8, sizes
+    for request, result in zip(requests, results):
+        want = local_service.engine.generate(request)
+        ok, frac = images_close(result.images, want.images)
+        assert ok and result.seed == request.seed, frac
+
+
+def test_deployment_options_fixed_and_autoscaling():
+    """Replica bounds become Serve options: equal bounds a fixed count, different ones an autoscaling config; the
+    ingress queue takes as many jobs at once as the replicas (times the batch size) can."""
+    from engine.scaleout.batching import BatchConfig
+    from engine.scaleout.serve import ScaleoutConfig
+    from engine.scaleout.worker import deployment
+
+    fixed = deployment(replicas=2, min_replicas=None, max_replicas=None, num_gpus=1, num_cpus=2, max_ongoing=1)
+    assert fixed.num_replicas == 2 and fixed.ray_actor_options["num_gpus"] == 1
+    assert fixed._deployment_config.health_check_period_s == 5.0
+    auto = deployment(replicas=2, min_replicas=1, max_replicas=4, num_gpus=1, num_cpus=2, max_ongoing=8)
+    scaling = auto._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.initial_replicas) == (1, 4, 2)
+    assert ScaleoutConfig(replicas=2).in_flight == 2
+    assert ScaleoutConfig(replicas=2, max_replicas=4, batching=BatchConfig(8)).in_flight == 32
