@@ -349,8 +349,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def kernel_figures(device: torch.device, quick: bool) -> dict[str, Any]:
-    """benchmarks/kernels.py's figures (engine Triton kernels vs eager and inductor): GPU-only, else the reason."""
-    spec = importlib.util.spec_from_file_location("engine_bench_kernels", Path(__file__).with_name("kernels.py"))
+    """benchmarks/kernel_speed.py's figures (engine Triton kernels vs eager and inductor): GPU-only, else the reason."""
+    spec = importlib.util.spec_from_file_location("engine_bench_kernels", Path(__file__).with_name("kernel_speed.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)

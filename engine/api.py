@@ -29,7 +29,7 @@ from .pipelines.base import GenerationParams, StepCallback, TextToImagePipeline
 from .registry import find_spec, registry
 from .requests import GenerateRequest, Result, UpscaleRequest, UpscaleResult, parse_request
 from .runtime.device import resolve_device
-from .runtime.planner import Planner, free_device_memory, is_out_of_memory
+from .runtime.planner import Planner, is_out_of_memory
 from .runtime.queue import close_queue
 from .schedulers import get_preset
 

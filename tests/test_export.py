@@ -572,8 +572,6 @@ def test_tensorrt_context_failure_falls_back_with_its_reason(monkeypatch):
 
 
 def test_tensorrt_report_names_the_bucket_and_later_sizes_build(monkeypatch):
-    from engine.compiler.export.profiles import BucketedRunner
-
     built = []
 
     def fake_build(onnx_path, spec, plan, out, timing, device):

@@ -129,8 +129,8 @@ def choose_quant(kind: str, caps: DeviceCaps) -> tuple[str | None, str]:
             return "fp8", ""
         if caps.is_cuda:
             return "int8_dynamic", "fp8: needs CUDA compute capability >= 8.9"
-        # Measured (benchmarks/results/compiler_cpu.md): torchao's int8 paths on a CPU run slower than the bf16
-        # matmuls O1 already picks, so "auto" (the O3 level) leaves the weights alone there.
+        # No CPU run shows torchao's int8 paths beating the bf16 matmuls O1 already picks (none has been measured),
+        # so "auto" (the O3 level) leaves the weights alone there rather than trade accuracy for an unproven gain.
         return None, (f"auto on {caps.type}: int8 kernels are slower than bf16 matmuls here (fp8 needs CUDA "
                       "compute capability >= 8.9); set quant='int8_weight_only' or 'int8_dynamic' to quantize anyway")
     if kind == "fp8" and not fp8_ok:

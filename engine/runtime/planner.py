@@ -7,7 +7,6 @@ them to model ids and loaded components.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 from dataclasses import replace

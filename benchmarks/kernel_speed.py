@@ -1,7 +1,7 @@
 """Kernel benchmark: each engine kernel (engine/kernels) against its PyTorch reference run eagerly and against what
 inductor generates for the same reference graph (torch.compile, static shapes), on the shapes of the real models.
 
-    python benchmarks/kernels.py --out benchmarks/results/kernels_cuda.json
+    python benchmarks/kernel_speed.py --out benchmarks/results/kernels_cuda.json
 
 Shapes: SDXL at 1024x1024 with classifier-free guidance (UNet GroupNorm+SiLU at 128/64/32 latent pixels, NCHW and
 channels-last; the VAE decoder's widest maps) and FLUX at 1024x1024 (4096 image + 512 text tokens, 3072 wide, 24
@@ -14,10 +14,6 @@ script, with timings that mean nothing (marked "interpreted").
 """
 
 from __future__ import annotations
-
-# Found as Hugging Face's `kernels` (which diffusers probes) when benchmarks/ is on sys.path: refuse to be it.
-if __name__ == "kernels":
-    raise ImportError("benchmarks/kernels.py is the engine's kernel benchmark, not Hugging Face's `kernels` package")
 
 import argparse
 import json
