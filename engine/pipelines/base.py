@@ -315,18 +315,26 @@ class TextToImagePipeline:
         if adapter is None:
             yield
             return
+        from ..compiler.layout import fuse_qkv, is_fused, unfuse_qkv
+
         denoiser = self.denoiser()
         processors = dict(denoiser.attn_processors)
         hid_proj, hid_type = denoiser.encoder_hid_proj, denoiser.config.encoder_hid_dim_type
+        # The IP-Adapter processors project with to_k/to_v: split fused q/k/v back for the job (exact), fuse after.
+        refuse = is_fused(denoiser) and unfuse_qkv(denoiser) > 0
+        unfused = dict(denoiser.attn_processors)
         try:
             state = {part: dict(tensors) for part, tensors in adapter.state_dict.items()}  # diffusers pops from it
             pipe.load_ip_adapter(state, subfolder="", weight_name=adapter.weight_name, image_encoder_folder=None)
             pipe.set_ip_adapter_scale(adapter.scale)
             yield
         finally:
-            denoiser.set_attn_processor(processors)
+            denoiser.set_attn_processor(unfused)
             denoiser.encoder_hid_proj = hid_proj
             denoiser.config.encoder_hid_dim_type = hid_type
+            if refuse:
+                fuse_qkv(denoiser)
+            denoiser.set_attn_processor(processors)
 
     def uses_cfg(self, params: GenerationParams) -> bool:
         """Whether the job runs a negative branch (the memory planner sizes activations by it)."""
