@@ -145,3 +145,28 @@ def test_ip_adapter_under_model_offload(stock):
     theirs = run_stock(stock["sd15"], image, 1.0, 64, 64, 1, seed=4)
     assert images_close(arrays(ours), arrays(theirs))[0]
     eng.close()
+
+
+def test_ip_adapter_with_a_lora_matches_stock_diffusers(engine, tmp_path):
+    """peft LoRA layers on to_k/to_v and the IP-Adapter processors compose as in diffusers (LoRA loaded first)."""
+    from test_lora import make_lora
+
+    lora = make_lora(tmp_path / "sd15.safetensors", 3, family="sd15")
+    loaded = load_model("tiny-sd15")
+    pipe = build_stock_pipeline("sd15", loaded.components, "StableDiffusionPipeline")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(lora))
+    pipe.load_ip_adapter(**resolve_ip_adapter("tiny-ip-adapter-sd15", family="sd15").load_kwargs())
+    image = random_image(64, 64, seed=8)
+    theirs = run_stock(pipe, image, 0.8, 64, 64, 1, seed=2)
+    ours = run_engine(engine, "sd15", image, 0.8, 64, 64, 1, seed=2, loras=[{"path": str(lora)}])
+    assert images_close(arrays(ours), arrays(theirs))[0]
+    engine.unload_loras("tiny-sd15")
+
+
+def test_ip_adapter_on_an_exported_denoiser_is_a_422():
+    eng = Engine(device="cpu", compile_config={"backend": "onnxruntime"})
+    with pytest.raises(InvalidRequestError) as err:
+        run_engine(eng, "sd15", random_image(64, 64), 1.0, 64, 64, 1, seed=1)
+    assert err.value.field == "ip_adapter" and "exported" in str(err.value)
+    eng.close()
