@@ -135,6 +135,12 @@ def test_ip_adapter_at_opt_levels_matches_stock_or_reports(stock, level):
     assert ok, (frac, eng.optimization_report("tiny-sd15"))
     after = eng.generate(**kwargs).images
     assert images_close(arrays(before), arrays(after), levels=0)[0]
+    stats = eng.compile_stats("tiny-sd15")
+    if stats is not None:  # compiled (O2): the adapter's processors compile once; later jobs reuse the graphs
+        graphs = stats["graphs"]
+        run_engine(eng, "sd15", image, 0.5, 64, 64, 1, seed=3)
+        eng.generate(**kwargs)
+        assert eng.compile_stats("tiny-sd15")["graphs"] == graphs
     eng.close()
 
 
