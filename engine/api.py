@@ -144,6 +144,30 @@ def check_controlnet_fits(module: Any, family: str, components: dict[str, Any], 
                                       "belongs to another base model")
 
 
+_IP_ADAPTER_FAMILIES = ("sd15", "sdxl")  # FLUX IP-Adapters (XLabs layout): not yet
+
+
+def _load_ip_adapter(source: Any, dtype: torch.dtype, device: torch.device) -> tuple[dict[str, Any], Any]:
+    """An IP-Adapter's weights split as diffusers' `load_ip_adapter` splits a .safetensors file, and its CLIP image
+    encoder as diffusers loads it (`image_encoder_folder` under the subfolder unless it names a path)."""
+    from pathlib import PurePosixPath
+
+    from safetensors import safe_open
+    from transformers import CLIPVisionModelWithProjection
+
+    state: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
+    with safe_open(str(source.folder / source.subfolder / source.weight_name), framework="pt", device="cpu") as f:
+        for key in f.keys():
+            part, _, rest = key.partition(".")
+            if part in state:
+                state[part][rest] = f.get_tensor(key)
+    enc = source.image_encoder_folder
+    subfolder = enc if "/" in enc else PurePosixPath(source.subfolder, enc).as_posix()
+    encoder = CLIPVisionModelWithProjection.from_pretrained(str(source.folder), subfolder=subfolder, dtype=dtype,
+                                                            local_files_only=True)
+    return state, encoder.to(device).eval()
+
+
 class Engine:
     """Loads models by id or path and runs text-to-image and upscale jobs on one device. fal's API (`run`, `submit`,
     `subscribe`, `stream`) wraps an engine: `FalService(engine)` (engine/service.py)."""
@@ -609,6 +633,8 @@ class Engine:
                                           f", the image {out['image'].size[0]}x{out['image'].size[1]}: they must "
                                           "be the same size")
         out["controls"] = [load(c.image, f"controlnets[{i}].image", "RGB") for i, c in enumerate(request.controlnets)]
+        if request.ip_adapter is not None:
+            out["ip_adapter_image"] = load(request.ip_adapter.image, "ip_adapter.image", "RGB")
         return out
 
     def _conditioning(self, request: GenerateRequest, slot: _Slot, params: GenerationParams,
@@ -634,8 +660,9 @@ class Engine:
             ControlInput(model=self._controlnet(c.model, i, slot), image=inputs["controls"][i],
                          conditioning_scale=c.conditioning_scale, start=c.start, end=c.end)
             for i, c in enumerate(request.controlnets))
+        ip_adapter = self._ip_adapter(request, slot, inputs) if request.ip_adapter is not None else None
         params = dataclasses.replace(params, image=image, mask_image=mask, strength=request.strength,
-                                     controls=controls)
+                                     controls=controls, ip_adapter=ip_adapter)
         if "vae" in slot.exported and slot.pipeline.encodes_images(params):
             field = "image" if image is not None else "controlnets"
             raise InvalidRequestError(field, f"the VAE of {request.model} runs as an exported "
@@ -649,6 +676,35 @@ class Engine:
                                           "denoising step; raise strength or num_inference_steps",
                                           "enough for one step of num_inference_steps", strength)
         return params
+
+    def _ip_adapter(self, request: GenerateRequest, slot: _Slot, inputs: dict[str, Any]) -> Any:
+        """The request's IP-Adapter resolved for this model: its state dict and CLIP image encoder (in the
+        denoiser's compute dtype, on the device) cached per engine, so loading it into a job is cheap. The
+        pipeline loads it for that job only (engine/pipelines/base.py)."""
+        from .loading.ip_adapter import check_ip_adapter_fits, resolve_ip_adapter
+        from .pipelines.base import IPAdapterInput, module_dtype
+
+        spec = request.ip_adapter
+        family, denoiser = slot.loaded.family.name, slot.loaded.family.denoiser
+        if family not in _IP_ADAPTER_FAMILIES:
+            raise InvalidRequestError("ip_adapter", f"IP-Adapters are supported for "
+                                      f"{', '.join(_IP_ADAPTER_FAMILIES)} models, not yet for {family}")
+        if denoiser in slot.exported:
+            raise InvalidRequestError("ip_adapter", f"the {denoiser} of {request.model} runs as an exported "
+                                      f"{slot.exported[denoiser]} graph, whose attention is fixed at export: it "
+                                      "cannot take IP-Adapter image tokens; load it with backend='torch' for this")
+        source = resolve_ip_adapter(spec.model, family=family)
+        unet = slot.loaded.components[denoiser]
+        check_ip_adapter_fits(source, unet)
+        dtype = module_dtype(unet)
+        cache = self.__dict__.setdefault("_ip_adapters", {})
+        key = (source.folder, source.subfolder, source.weight_name, source.image_encoder_folder, dtype)
+        cached = cache.get(key)
+        if cached is None:
+            cached = cache[key] = _load_ip_adapter(source, dtype, self.device)
+        state_dict, encoder = cached
+        return IPAdapterInput(state_dict=state_dict, weight_name=source.weight_name, image_encoder=encoder,
+                              image=inputs["ip_adapter_image"], scale=spec.scale)
 
     def _controlnet(self, model: Any, index: int, slot: _Slot) -> torch.nn.Module:
         """A ControlNet for this model: a module from a trusted caller, or loaded by id/path (cached per engine), in

@@ -52,11 +52,25 @@ class ControlNetSpec(BaseModel):
         return self
 
 
+class IPAdapterSpec(BaseModel):
+    """An image prompt (SD 1.5, SDXL): `model` is a registered IP-Adapter id, or (trusted callers) a local
+    `<folder>/<subfolder>/<weights>.safetensors` or hub id, resolved for the model's family by
+    engine/loading/ip_adapter.py; `image` takes the forms `load_image_input` takes; `scale` weighs the image tokens
+    against the text (diffusers' `set_ip_adapter_scale`)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), arbitrary_types_allowed=True)
+
+    model: str = Field(min_length=1, max_length=4096)
+    image: Any
+    scale: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+
+
 class GenerateRequest(BaseModel):
     """Generation arguments. Fields left as None take the model's defaults (registry).
 
     Image-conditioned modes: `image` (+ `strength`) is image-to-image; with `mask_image` (white = repaint)
-    inpainting; `controlnets` add ControlNets to any mode. Images take the forms `load_image_input` takes; the
+    inpainting; `controlnets` add ControlNets to any mode; `ip_adapter` adds an image prompt (SD 1.5, SDXL).
+    Images take the forms `load_image_input` takes; the
     output follows `image` (or the first ControlNet image), rounded down to the family's size multiple, unless
     width/height are given."""
 
@@ -79,6 +93,7 @@ class GenerateRequest(BaseModel):
     strength: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)  # None: diffusers' default
     mask_image: Any = None
     controlnets: list[ControlNetSpec] = Field(default_factory=list, max_length=MAX_CONTROLNETS)
+    ip_adapter: IPAdapterSpec | None = None
 
     @classmethod
     def build(cls, **kwargs: Any) -> "GenerateRequest":

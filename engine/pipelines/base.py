@@ -53,6 +53,18 @@ class ControlInput:
 
 
 @dataclass(frozen=True)
+class IPAdapterInput:
+    """A resolved IP-Adapter of a job: its state dict as diffusers' `load_ip_adapter` reads it ({"image_proj": ...,
+    "ip_adapter": ...}, cached by the engine), its CLIP image encoder (denoiser dtype, on the device), the image."""
+
+    state_dict: dict[str, dict[str, torch.Tensor]]
+    weight_name: str
+    image_encoder: torch.nn.Module
+    image: Image.Image
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     """One validated job, in the pipeline's terms (the API resolves defaults and decodes images before this).
 
@@ -74,6 +86,7 @@ class GenerationParams:
     mask_image: Image.Image | None = None  # already at width x height
     strength: float | None = None  # None: the diffusers class's default
     controls: tuple[ControlInput, ...] = ()
+    ip_adapter: IPAdapterInput | None = None
 
     @property
     def mode(self) -> str:
@@ -156,7 +169,7 @@ def module_dtype(module: torch.nn.Module) -> torch.dtype:
 
 # `__call__` keywords that come from a request field, for the error when a class lacks one.
 _REQUEST_FIELD = {"true_cfg_scale": "true_cfg_scale", "negative_prompt_embeds": "negative_prompt",
-                  "negative_pooled_prompt_embeds": "negative_prompt"}
+                  "negative_pooled_prompt_embeds": "negative_prompt", "ip_adapter_image": "ip_adapter"}
 
 
 class _ComputeDtypeView:
@@ -262,6 +275,14 @@ class TextToImagePipeline:
         if params.controls:
             models = [c.model for c in params.controls]
             components["controlnet"] = models[0] if len(models) == 1 else models
+        if params.ip_adapter is not None:
+            from transformers import CLIPImageProcessor
+
+            encoder = params.ip_adapter.image_encoder
+            components["image_encoder"] = encoder
+            if components.get("feature_extractor") is None:  # as `load_ip_adapter` makes one
+                size = encoder.config.image_size
+                components["feature_extractor"] = CLIPImageProcessor(size=size, crop_size=size)
         return build_diffusers_pipeline(spec.resolve(), _compute_dtype_views(components), self.config, self.device)
 
     # -- run ----------------------------------------------------------------------------------------------------
@@ -276,7 +297,7 @@ class TextToImagePipeline:
             pipe = self.build(params, fresh_scheduler(self.scheduler, params.scheduler, self.family))
             with timer.stage("encode"):
                 cond = self._encode_cached(pipe, params)
-            with timer.stage("denoise"):
+            with timer.stage("denoise"), self._ip_adapter_loaded(pipe, params.ip_adapter):
                 try:
                     latents = self.denoise(pipe, params, cond, generator, step_callback)
                 finally:
@@ -285,6 +306,35 @@ class TextToImagePipeline:
                 images = self.decode(pipe, params, latents)
         timer.timings["total"] = time.perf_counter() - start
         return PipelineOutput(images=images, timings=timer.timings)
+
+    @contextlib.contextmanager
+    def _ip_adapter_loaded(self, pipe: Any, adapter: IPAdapterInput | None) -> Iterator[None]:
+        """diffusers' `load_ip_adapter` for this job only: it swaps the shared denoiser's attention processors and
+        sets its `encoder_hid_proj` (after which every call would need image embeddings), so both are put back
+        exactly as they were (the compiler's processors included, which `unload_ip_adapter` would rebuild bare)."""
+        if adapter is None:
+            yield
+            return
+        from ..compiler.layout import fuse_qkv, is_fused, unfuse_qkv
+
+        denoiser = self.denoiser()
+        processors = dict(denoiser.attn_processors)
+        hid_proj, hid_type = denoiser.encoder_hid_proj, denoiser.config.encoder_hid_dim_type
+        # The IP-Adapter processors project with to_k/to_v: split fused q/k/v back for the job (exact), fuse after.
+        refuse = is_fused(denoiser) and unfuse_qkv(denoiser) > 0
+        unfused = dict(denoiser.attn_processors)
+        try:
+            state = {part: dict(tensors) for part, tensors in adapter.state_dict.items()}  # diffusers pops from it
+            pipe.load_ip_adapter(state, subfolder="", weight_name=adapter.weight_name, image_encoder_folder=None)
+            pipe.set_ip_adapter_scale(adapter.scale)
+            yield
+        finally:
+            denoiser.set_attn_processor(unfused)
+            denoiser.encoder_hid_proj = hid_proj
+            denoiser.config.encoder_hid_dim_type = hid_type
+            if refuse:
+                fuse_qkv(denoiser)
+            denoiser.set_attn_processor(processors)
 
     def uses_cfg(self, params: GenerationParams) -> bool:
         """Whether the job runs a negative branch (the memory planner sizes activations by it)."""
@@ -350,6 +400,8 @@ class TextToImagePipeline:
             kwargs["strength"] = params.strength if params.strength is not None else self.default_strength(params)
         if params.mask_image is not None:
             kwargs["mask_image"] = params.mask_image
+        if params.ip_adapter is not None:
+            kwargs["ip_adapter_image"] = params.ip_adapter.image
         if params.controls:
             images = [c.image for c in params.controls]
             one = len(params.controls) == 1
