@@ -322,6 +322,70 @@ def test_bad_scenarios_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFi
     assert not (tmp_path / "bench.json").exists()
 
 
+# -- image-conditioned modes ------------------------------------------------------------------------------------------
+
+MODE_SCENARIOS = {"sdxl-img2img": "sdxl_img2img", "sdxl-inpaint": "sdxl_inpaint", "sdxl-controlnet": "sdxl_controlnet"}
+MODE_CLASSES = {"sdxl-img2img": "StableDiffusionXLImg2ImgPipeline", "sdxl-inpaint": "StableDiffusionXLInpaintPipeline",
+                "sdxl-controlnet": "StableDiffusionXLControlNetPipeline"}
+
+
+@pytest.fixture(scope="module")
+def modes_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench-modes")
+    argv = [sys.executable, "-m", "engine.bench.cli", "bench", "--scale", "tiny", "--quick", "--out", str(out),
+            "--no-progress", "--no-reference-count", "--presets", "diffusers,diffusers-bf16,O0,O1"]
+    for name in MODE_SCENARIOS.values():
+        argv += ["--scenario", name]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "bench.json").read_text())
+
+
+@pytest.mark.parametrize("name", list(MODE_SCENARIOS))
+def test_image_conditioned_modes_match_stock_at_o0(modes_run: dict[str, Any], name: str) -> None:
+    """Each mode runs stock (the same diffusers class the engine composes) and the engine on the same request: O0
+    reproduces stock fp32, O1 stays close, and the rows carry the speed-ups against both stock dtypes."""
+    sc = _scenario(modes_run, name)
+    assert sc["job"]["mode"] == name.split("-")[1] and MODE_CLASSES[name] in _row(sc, "diffusers")["description"]
+    o0 = _row(sc, "O0")
+    assert o0["status"] == "ok", o0["reason"]
+    assert o0["identical"] or o0["psnr_db"] > 45
+    o1 = _row(sc, "O1")
+    assert o1["status"] == "ok" and (o1["identical"] or o1["psnr_db"] > 25)
+    assert o0["speedup"] is not None and o0["flops_per_image"] > 0
+    bf16 = _row(sc, "diffusers-bf16")
+    if bf16["status"] == "ok":
+        assert o0["speedup_bf16"] is not None and bf16["psnr_db"] > 25
+
+
+def test_mode_inputs_are_deterministic_and_validated() -> None:
+    from engine.bench.inputs import control_image, engine_inputs, init_image, mask_image
+    from engine.bench.scenario import Job, load_scenario, scenario_paths
+
+    job = Job(model="tiny-sdxl", width=96, height=64, seed=3, mode="inpaint", strength=0.6)
+    assert np.array_equal(np.asarray(init_image(job)), np.asarray(init_image(job)))
+    other = np.asarray(init_image(Job(model="tiny-sdxl", width=96, height=64, seed=4)))
+    assert not np.array_equal(np.asarray(init_image(job)), other)  # drawn from the seed
+    assert init_image(job).size == (96, 64) and np.asarray(init_image(job)).std() > 10  # a picture, not a flat fill
+    mask = np.asarray(mask_image(job))
+    assert mask[32, 48] == 255 and mask[0, 0] == 0 and (mask == 255).mean() == pytest.approx(0.25)
+    edges = np.asarray(control_image(job))
+    assert set(np.unique(edges)) == {0, 255}
+    kw = engine_inputs(job)
+    assert set(kw) == {"image", "strength", "mask_image"} and kw["strength"] == 0.6
+    with pytest.raises(TypeError, match="mode must be one of"):
+        Job(model="tiny-sdxl", width=64, height=64, mode="outpaint")
+    with pytest.raises(TypeError, match="controlnet"):
+        Job(model="tiny-sdxl", width=64, height=64, mode="controlnet")
+    paths = {p.stem: p for p in scenario_paths(list(MODE_SCENARIOS.values()))}
+    cn = load_scenario(paths["sdxl_controlnet"], "tiny", quick=True)
+    assert cn.job.controlnet == "tiny-controlnet-sdxl" and cn.job.conditioning_scale == 0.5
+    assert load_scenario(paths["sdxl_img2img"], "small").job.strength == 0.6
+    with pytest.raises(ValueError, match="no 'small' scale"):
+        load_scenario(paths["sdxl_controlnet"], "small")
+
+
 # -- entry points and the shared result format ------------------------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]

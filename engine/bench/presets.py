@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
+from .inputs import engine_inputs, stock_inputs
 from .metrics import BoundaryProbe, FlopCount, PeakMemory, StageProbe, TileProbe, count_flops, summarize, timed
 from .scenario import Job, Preset
 
@@ -135,13 +136,23 @@ class StockRunner:
     weights (and any model the engine can load, single files and presets included, has a baseline). `dtype` is read
     straight into, as `from_pretrained(torch_dtype=...)` does: the stock bf16 run a user would otherwise make."""
 
-    def __init__(self, model: str, device: torch.device, dtype: torch.dtype = torch.float32):
+    def __init__(self, model: str, device: torch.device, dtype: torch.dtype = torch.float32, mode: str = "text2img",
+                 controlnet: str | None = None):
         from ..loading import load_model
+        from ..loading.controlnet import load_controlnet
         from ..loading.stock import build_stock_pipeline
+        from ..pipelines.modes import mode_spec
 
         self.device = device
         self.loaded = load_model(model, torch_dtype=dtype)
-        self.pipe = build_stock_pipeline(self.loaded.family.name, self.loaded.components)
+        family = self.loaded.family.name
+        # The diffusers class the engine composes for this mode (engine/pipelines/modes.py), built stock.
+        spec = mode_spec(family, "text2img" if mode == "controlnet" else mode, controlnet is not None)
+        self.control_image_arg = spec.control_image_arg
+        components = dict(self.loaded.components)
+        if controlnet is not None:
+            components["controlnet"] = load_controlnet(controlnet, family=family, torch_dtype=dtype, device=device)
+        self.pipe = build_stock_pipeline(family, components, spec.pipeline)
         self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
         comps = self.loaded.components
@@ -155,9 +166,12 @@ class StockRunner:
     def _kwargs(self, job: Job) -> dict[str, Any]:
         d = self.loaded.spec.defaults
         guidance = job.guidance_scale if job.guidance_scale is not None else d.guidance_scale
-        kw: dict[str, Any] = dict(prompt=job.prompt, width=job.width, height=job.height,
-                                  num_inference_steps=job.steps, num_images_per_prompt=job.num_images,
-                                  guidance_scale=guidance, generator=torch.Generator("cpu").manual_seed(job.seed))
+        kw: dict[str, Any] = dict(prompt=job.prompt, num_inference_steps=job.steps,
+                                  num_images_per_prompt=job.num_images, guidance_scale=guidance,
+                                  generator=torch.Generator("cpu").manual_seed(job.seed),
+                                  **stock_inputs(job, self.control_image_arg))
+        if "width" in self._params:  # not on img2img classes: the output follows the input image
+            kw.update(width=job.width, height=job.height)
         if "max_sequence_length" in self._params and d.max_sequence_length:
             kw["max_sequence_length"] = min(d.max_sequence_length, 512)  # as the engine resolves it
         return kw
@@ -194,7 +208,7 @@ def stock_runner(job: Job, device: torch.device, dtype: torch.dtype = torch.floa
         from .upscale import ReferenceUpscaler
 
         return ReferenceUpscaler(job.model, device, dtype)
-    return StockRunner(job.model, device, dtype)
+    return StockRunner(job.model, device, dtype, job.mode, job.controlnet)
 
 
 class EngineCounter:
@@ -225,8 +239,10 @@ class EngineCounter:
 
 
 def _engine_kwargs(job: Job) -> dict[str, Any]:
-    kw: dict[str, Any] = dict(model=job.model, prompt=job.prompt, width=job.width, height=job.height,
-                              num_inference_steps=job.steps, seed=job.seed, num_images=job.num_images)
+    kw: dict[str, Any] = dict(model=job.model, prompt=job.prompt, num_inference_steps=job.steps, seed=job.seed,
+                              num_images=job.num_images, **engine_inputs(job))
+    if "image" not in kw:  # with an input image the output follows it
+        kw.update(width=job.width, height=job.height)
     if job.guidance_scale is not None:
         kw["guidance_scale"] = job.guidance_scale
     if job.scheduler is not None:

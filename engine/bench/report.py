@@ -134,7 +134,12 @@ def _reference_md(ref: dict[str, Any]) -> list[str]:
 def _job_title(job: dict[str, Any]) -> str:
     if job.get("task") == "upscale":
         return f"{job['model']}, {job['width']}x{job['height']} input -> 4x"
-    return f"{job['model']} {job['width']}x{job['height']}, {job['steps']} steps, guidance {job['guidance_scale']}"
+    mode = job.get("mode", "text2img")
+    extra = "" if mode == "text2img" else f", {mode}"
+    extra += f" (strength {job['strength']})" if job.get("strength") is not None else ""
+    extra += f" ({job['controlnet']}, scale {job['conditioning_scale']})" if job.get("controlnet") else ""
+    return (f"{job['model']} {job['width']}x{job['height']}, {job['steps']} steps, guidance {job['guidance_scale']}"
+            f"{extra}")
 
 
 def machine_line(env: dict[str, Any]) -> str:

@@ -237,7 +237,10 @@ def _job_label(job: Job) -> str:
                                           ("shared style", job.shared_style)) if on)
         return f"{job.model} {job.width}x{job.height} -> 4x" + (f", {mode}" if mode else "")
     sched = f", {job.scheduler}" if job.scheduler else ""
-    return f"{job.model} {job.width}x{job.height}, {job.steps} steps, guidance {job.guidance_scale}{sched}"
+    mode = "" if job.mode == "text2img" else f", {job.mode}"
+    mode += f" strength {job.strength}" if job.strength is not None else ""
+    mode += f" {job.controlnet} x{job.conditioning_scale}" if job.controlnet else ""
+    return f"{job.model} {job.width}x{job.height}, {job.steps} steps, guidance {job.guidance_scale}{sched}{mode}"
 
 
 # -- the whole run --------------------------------------------------------------------------------------------------

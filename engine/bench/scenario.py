@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 SCALES = ("tiny", "small", "real")
 # What each task's jobs are split into (the stage timers' names: pipelines report them, probes mark them on stock).
 STAGES = {"text-to-image": ("encode", "denoise", "decode"), "upscale": ("preprocess", "tiles", "stitch")}
+# Image generation modes (text-to-image task): the inputs engine/bench/inputs.py draws for each, and whether the
+# job names a ControlNet. "controlnet" is text-to-image guided by one ControlNet.
+MODES = ("text2img", "img2img", "inpaint", "controlnet")
 
 
 def scenarios_dir() -> Path:
@@ -99,6 +102,16 @@ class Job:
     task: str = "text-to-image"
     overlapping_tiles: bool = False
     shared_style: bool = False
+    mode: str = "text2img"  # one of MODES; image inputs are drawn from seed and size (engine/bench/inputs.py)
+    strength: float | None = None  # img2img / inpaint (None: the diffusers class default)
+    controlnet: str | None = None  # mode "controlnet": the ControlNet's model id
+    conditioning_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise TypeError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if (self.mode == "controlnet") != (self.controlnet is not None):
+            raise TypeError("mode controlnet needs a controlnet model id (and only it takes one)")
 
     def key(self) -> tuple[Any, ...]:
         """All fields in order (`Job(*key)` rebuilds the job)."""
@@ -171,7 +184,10 @@ def load_scenario(path: Path, scale: str, *, quick: bool = False, model: str | N
         raise ValueError(f"scenario {path.stem}: task must be one of {', '.join(STAGES)}, got {task!r}")
     job_fields: dict[str, Any] = {"guidance_scale": data.get("guidance_scale"), "prompt": data.get("prompt", "a photo"),
                                   "seed": data.get("seed", 0), "num_images": data.get("num_images", 1),
-                                  "scheduler": data.get("scheduler"), "task": task, **scales[scale]}
+                                  "scheduler": data.get("scheduler"), "task": task,
+                                  **{k: data[k] for k in ("mode", "strength", "controlnet", "conditioning_scale")
+                                     if k in data},
+                                  **scales[scale]}
     quick_over = dict(data.get("quick", {})) if quick else {}
     job_fields.update({k: v for k, v in quick_over.items() if k in ("steps", "width", "height")})
     if model is not None:
