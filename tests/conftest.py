@@ -5,6 +5,9 @@ import tempfile
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("ENGINE_CACHE_DIR", tempfile.mkdtemp(prefix="engine-test-cache-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton reads this once, when it is first imported (torch.compile may import it long before the kernel tests run):
+# set for the whole session so engine/kernels run in the interpreter whatever test imports Triton first.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
