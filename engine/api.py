@@ -723,14 +723,12 @@ class Engine:
             key = (model, family, dtype, caller_policy().trusted)
             module = cache.get(key)
             if module is None:
-                resolver = self.controlnet_resolver
-                if resolver is None:
-                    try:
-                        from .loading.controlnet import load_controlnet as resolver
-                    except ImportError:
-                        raise InvalidRequestError(field, "this build has no ControlNet loader "
-                                                  "(engine.loading.controlnet); pass a loaded module") from None
-                module = resolver(model, family=family, torch_dtype=dtype, device=self.device)
+                if self.controlnet_resolver is not None:
+                    module = self.controlnet_resolver(model, family=family, torch_dtype=dtype, device=self.device)
+                else:
+                    from .loading.controlnet import load_controlnet
+
+                    module = load_controlnet(model, family=family, torch_dtype=dtype, device=self.device, field=field)
                 cache[key] = module
         else:
             raise InvalidRequestError(field, f"expected a ControlNet id, path or module, not {type(model).__name__}")

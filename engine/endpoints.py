@@ -501,18 +501,6 @@ _CONDITIONING_RENAMES = {
 _INDEXED = re.compile(r"(?P<list>\w+)(?:\[|\.)(?P<i>\d+)\]?(?:\.(?P<attr>\w+))?")
 
 
-# Engine field -> fal field, for errors raised while the request is built or run ("[]": any index).
-_CONDITIONING_RENAMES = {
-    "image": "image_url", "mask_image": "mask_url",
-    "controlnets[].model": "controlnets.{i}.path", "controlnets[].image": "controlnets.{i}.control_image_url",
-    "controlnets[].conditioning_scale": "controlnets.{i}.conditioning_scale",
-    "controlnets[].start": "controlnets.{i}.start_percentage", "controlnets[].end": "controlnets.{i}.end_percentage",
-    "controlnets[]": "controlnets.{i}", "controlnets": "controlnets",
-    "ip_adapter.model": "ip_adapters.0.path", "ip_adapter.image": "ip_adapters.0.image_url",
-    "ip_adapter.scale": "ip_adapters.0.scale", "ip_adapter": "ip_adapters",
-}
-_INDEXED = re.compile(r"(?P<list>\w+)(?:\[|\.)(?P<i>\d+)\]?(?:\.(?P<attr>\w+))?")
-
 
 def _conditioning_fields(args: BaseModel, family: FamilySpec | None, trusted: bool,
                          allow_private_urls: bool) -> dict[str, Any]:
