@@ -2,7 +2,8 @@
 
 Point the official client here with `FAL_RUN_HOST=H:P` and `FAL_QUEUE_RUN_HOST=H:P/queue`. Routes:
   POST /{app_id}                                  run, answers the result
-  POST /{app_id}/stream                           server-sent events: progress..., then the result
+  POST /{app_id}/stream                           server-sent events: progress..., then the result (a comment line
+                                                  keeps a long-queued stream alive)
   POST /queue/{app_id}[?fal_webhook=URL]          submit
   GET  /queue/{any}/requests/{id}/status?logs=    status      (looked up by id: the client drops sub-paths)
   GET  /queue/{any}/requests/{id}                 result
@@ -49,6 +50,7 @@ from . import schemas
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .pages import add_page_routes
+from .status_stream import with_keepalive
 from .surface import add_surface_routes, local_inputs
 
 log = logging.getLogger(__name__)
@@ -392,8 +394,8 @@ def create_app(engine: Any, *, api_key: str | None = None, allow_private_urls: b
 
         async def events() -> Any:
             try:
-                async for event in service.follow_async(job):
-                    yield f"data: {json.dumps(_json_safe(event))}\n\n"
+                async for event in with_keepalive(service.follow_async(job)):
+                    yield ": keep-alive\n\n" if event is None else f"data: {json.dumps(_json_safe(event))}\n\n"
             except Exception as e:  # noqa: BLE001 - the status line is sent; the error becomes the last event
                 yield f"data: {json.dumps({'type': 'error', **_json_safe(error_body(e))})}\n\n"
 

@@ -10,14 +10,16 @@ goes away ends the generator (the job itself runs on: only the watcher left).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from ..runtime.queue import Job, JobQueue
 from ..service import job_status, status_json, wait_change_async
 
 KEEPALIVE_S = 15.0
+T = TypeVar("T")
 
 
 def truthy(value: str | None) -> bool:
@@ -45,3 +47,35 @@ async def status_events(job: Job, queue: JobQueue, *, with_logs: bool, urls: dic
             return
         # a queued job's position changes without its version moving: poll as well as wait
         version = await wait_change_async(job, version, poll_s)
+
+
+async def with_keepalive(events: AsyncIterator[T], every_s: float = KEEPALIVE_S) -> AsyncIterator[T | None]:
+    """`events`, with a None after each `every_s` of silence (the caller sends an SSE comment for it): a job that
+    waits long in the queue must not look like a dead connection to the client's read timeout or a proxy. Closing
+    this closes `events` (a streaming job's watcher cancels its job when abandoned)."""
+    it = events.__aiter__()
+    pending: asyncio.Future[T] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(it.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=every_s)
+            if not done:
+                yield None
+                continue
+            task, pending = pending, None
+            try:
+                item = task.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            try:
+                await pending
+            except (asyncio.CancelledError, StopAsyncIteration):
+                pass
+        aclose = getattr(it, "aclose", None)
+        if aclose is not None:
+            await aclose()
