@@ -51,3 +51,16 @@ def stop_server(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(5)
+
+
+def point_fal_client(mp: pytest.MonkeyPatch, host: str) -> None:
+    """Aim the official Python client at `host` ("127.0.0.1:PORT", TLS) as `FAL_RUN_HOST=host` and
+    `FAL_QUEUE_RUN_HOST=host/queue` would, set before its import. fal_client reads those once, when first imported,
+    so in a full run (another module imported it first) the module's URL constants are patched instead; REST and CDN
+    (storage) have no variable and point here too."""
+    import fal_client
+
+    for name, value in (("RUN_URL_FORMAT", f"https://{host}/"), ("QUEUE_URL_FORMAT", f"https://{host}/queue/"),
+                        ("REALTIME_URL_FORMAT", f"wss://{host}/"), ("REST_URL", f"https://{host}"),
+                        ("CDN_URL", f"https://{host}")):
+        mp.setattr(fal_client.client, name, value)

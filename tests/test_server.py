@@ -1,7 +1,8 @@
 """Acceptance: `engine serve` as a subprocess over TLS (a trustme CA), driven by the unmodified official fal client.
 
 fal_client reads FAL_RUN_HOST / FAL_QUEUE_RUN_HOST once, at import, so the port is chosen and the variables are set
-at the top of this module, before the import. SSL_CERT_FILE is read when the client builds its HTTP client (on first
+at the top of this module, before the import; in a full run another module may have imported it first, so the
+fixture also patches the URL constants those variables set (`serving.point_fal_client`). SSL_CERT_FILE is read when the client builds its HTTP client (on first
 use), so the server fixture sets it for this module only.
 """
 
@@ -40,6 +41,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from conftest import images_close  # noqa: E402
+from serving import point_fal_client  # noqa: E402
 
 
 BASE = f"https://127.0.0.1:{PORT}"
@@ -74,8 +76,6 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    if fal_client.client.RUN_URL_FORMAT != f"https://127.0.0.1:{PORT}/":
-        pytest.skip("fal_client was imported before this module set FAL_RUN_HOST; run this module on its own")
     tmp = tmp_path_factory.mktemp("tls")
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1", "localhost")
@@ -109,6 +109,7 @@ def server(tmp_path_factory):
                     pytest.fail(f"server did not answer within 180 s:\n{log.read_text()[-4000:]}")
                 time.sleep(0.25)
             mp.setenv("SSL_CERT_FILE", str(ca_file))  # the fal client's httpx reads it when it is first used
+            point_fal_client(mp, f"127.0.0.1:{PORT}")  # also when another module imported fal_client first
             yield srv
         finally:
             proc.terminate()
