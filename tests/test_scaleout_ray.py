@@ -231,6 +231,125 @@ def test_the_callers_policy_travels_to_the_replica(cluster, tmp_path):
     assert "loras.0.path" in str(info.value)
     assert cluster.remote.generate(request).images[0].size == (64, 64)
 
+def _http(cluster):
+    import httpx
+
+    return httpx.Client(base_url=f"https://127.0.0.1:{PORT}", verify=str(cluster.ca_file),
+                        headers={"Authorization": f"Key {API_KEY}"}, timeout=30)
+
+
+def _final(handle, timeout: float = 120):
+    """The request's last status (Completed), waiting at most `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = fal_client.status(APP, handle.request_id, with_logs=True)
+        if isinstance(status, fal_client.Completed):
+            return status
+        assert time.monotonic() < deadline, f"{handle.request_id} did not finish in {timeout} s"
+        time.sleep(0.1)
+
+
+def test_stream_through_replicas_sends_each_step_with_a_preview(cluster, local_service):
+    """The replica streams every denoising step (with the latents when previews are wanted) and the ingress turns
+    them into the same progress events, previews and step logs a single-process server sends."""
+    _wait_replicas(2)
+    args = {"prompt": "a kite", "seed": 3, **ARGS, "num_inference_steps": 3}
+    events = list(fal_client.stream(APP, args))
+    want = list(local_service.stream(APP, args))
+    progress, result = events[:-1], events[-1]
+    steps = [(e["type"], e["step"], e["num_steps"]) for e in progress]
+    assert steps == [(e["type"], e["step"], e["num_steps"]) for e in want[:-1]] and len(steps) >= 3, steps
+    for event, local in zip(progress, want):
+        preview = Image.open(io.BytesIO(base64.b64decode(event["preview"]["url"].split(",", 1)[1])))
+        assert preview.mode == "RGB" and preview.size == (local["preview"]["width"], local["preview"]["height"])
+    assert decode(result["images"][0]).tobytes() == decode(want[-1]["images"][0]).tobytes()
+    handle = fal_client.submit(APP, {**args, "seed": 4})
+    messages = [entry["message"] for entry in _final(handle).logs]
+    n = steps[-1][2]
+    assert [m for m in messages if m.startswith("step ")] == [f"step {i}/{n}" for i in range(1, n + 1)], messages
+    assert any(m.startswith("running on replica") for m in messages)
+
+
+def test_cancelling_a_running_job_stops_the_replica_at_its_next_step(cluster):
+    """A long job cancelled mid-run: status cancelled, the replica's engine stopped well before its last step (its
+    own counters say so), and the next jobs run at once on both replicas."""
+    _wait_replicas(2)
+    steps = 50  # the endpoint's most; at 384x384 a replica needs about 10 s for them
+    handle = fal_client.submit(APP, {"prompt": "long", "seed": 5, **ARGS, "width": 384, "height": 384,
+                                     "num_inference_steps": steps})
+    deadline = time.monotonic() + 90
+    while True:
+        logs = [e["message"] for e in (fal_client.status(APP, handle.request_id, with_logs=True).logs or [])]
+        if any(m.startswith("step 3/") for m in logs):
+            break
+        assert time.monotonic() < deadline, logs
+        time.sleep(0.05)
+    replica = next(m for m in logs if m.startswith("running on replica")).split()[3]
+    handle.cancel()
+    cancelled_at = time.monotonic()
+    final = _final(handle, timeout=30)
+    assert final.error_type == "cancelled"
+    assert len([e for e in final.logs if e["message"].startswith("step ")]) < steps
+    # the next jobs: one per replica at once (each replica takes one job), until the cancelled one has reported
+    for _ in range(5):
+        quick = [fal_client.submit(APP, {"prompt": "next", "seed": i, **ARGS}) for i in range(2)]
+        assert all(_final(h, timeout=60).error is None for h in quick)
+        if replica in cluster.remote.reported:
+            break
+    counters = cluster.remote.reported[replica]
+    assert time.monotonic() - cancelled_at < 60
+    stop = counters["stopped"][-1]
+    assert stop["stopped"] and 3 <= stop["step"] < stop["num_steps"] // 2, stop  # the engine thread ended early
+    assert counters["cancelled"] >= 1
+    assert cluster.remote.replica_stats()[replica]["jobs_cancelled"] >= 1
+
+
+def _replica_samples(text: str, metric: str) -> dict[tuple[str, str], float]:
+    """{(replica, outcome or ""): value} of one counter family in Prometheus text."""
+    import re
+
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(metric + "{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}", 1)[0]))
+            out[(labels["replica"], labels.get("outcome", ""))] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_metrics_count_jobs_per_replica(cluster):
+    """/metrics labels jobs done by replica (and each replica's own model calls and steps): after N requests the
+    per-replica deltas sum to N, spread over both replicas."""
+    _wait_replicas(2)
+    with _http(cluster) as http:
+        before = _replica_samples(http.get("/metrics").text, "engine_replica_jobs_total")
+        steps_before = _replica_samples(http.get("/metrics").text, "engine_replica_denoise_steps_total")
+        n = 8
+        handles = [fal_client.submit(APP, {"prompt": f"count {i}", "seed": i, **ARGS}) for i in range(n)]
+        assert all(_final(h).error is None for h in handles)
+        text = http.get("/metrics").text
+    after = _replica_samples(text, "engine_replica_jobs_total")
+    done = {r: v - before.get((r, o), 0.0) for (r, o), v in after.items() if o == "done"}
+    assert sum(done.values()) == n and len([v for v in done.values() if v > 0]) == 2, done
+    steps = _replica_samples(text, "engine_replica_denoise_steps_total")
+    grown = sum(v - steps_before.get(k, 0.0) for k, v in steps.items())
+    assert grown >= n * ARGS["num_inference_steps"], (steps_before, steps)
+    assert all(v > 0 for v in _replica_samples(text, "engine_replica_model_calls_total").values())
+
+
+def test_ui_report_through_replicas_has_the_replicas_optimization_report(cluster, local_service):
+    """/ui/api/report through replicas: the model is loaded there (preloaded) and its report comes from a replica;
+    replicas run the engine's defaults on CPU, so the passes match a local engine's."""
+    _wait_replicas(2)
+    with _http(cluster) as http:
+        body = http.get("/ui/api/report", params={"app": APP}).json()
+    entry = next(m for m in body["models"] if m["model"] == "tiny-sd15")
+    assert entry["loaded"], body
+    report = entry["report"]
+    want = local_service.engine.optimization_report("tiny-sd15").as_dict()
+    assert report["device"] == want["device"] and report["config_hash"] == want["config_hash"]
+    assert [(p["name"], p["status"]) for p in report["passes"]] == [(p["name"], p["status"]) for p in want["passes"]]
+
+
 def test_batching_on_a_replica_runs_fewer_model_calls_with_equal_images(cluster, local_service):
     """Redeploys the app as 1 replica batching up to 8 (last in this module): 8 concurrent same-shape requests."""
     from concurrent.futures import ThreadPoolExecutor
