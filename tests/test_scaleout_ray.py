@@ -374,6 +374,45 @@ def test_batching_on_a_replica_runs_fewer_model_calls_with_equal_images(cluster,
         assert ok and result.seed == request.seed, frac
 
 
+def test_a_batch_streams_steps_to_each_request_and_a_cancelled_one_drops_out(cluster, local_service):
+    """After the redeploy above (1 replica batching up to 8, which the ingress now reaches): two same-shape streams
+    run as one batch and each gets every step with its own preview; then in a batch of two long jobs one is
+    cancelled mid-run: it ends cancelled while the other finishes with its own image."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _wait_replicas(1)
+    args = [{"prompt": f"duo {i}", "seed": 70 + i, **ARGS, "num_inference_steps": 3} for i in range(2)]
+    before = cluster.remote.handle.stats.remote().result(timeout_s=30)  # the one replica's own counters
+    with ThreadPoolExecutor(2) as pool:
+        streams = list(pool.map(lambda a: list(fal_client.stream(APP, a)), args))
+    after = cluster.remote.handle.stats.remote().result(timeout_s=30)
+    assert after["replica"] == before["replica"] and after["batch_sizes"][len(before["batch_sizes"]):] == [2], after
+    for a, events in zip(args, streams):
+        want = list(local_service.stream(APP, a))
+        assert [(e["step"], e["num_steps"]) for e in events[:-1]] == [(e["step"], e["num_steps"]) for e in want[:-1]]
+        assert all(e["preview"]["url"].startswith("data:image/jpeg") for e in events[:-1])
+        ok, frac = images_close([decode(events[-1]["images"][0])], [decode(want[-1]["images"][0])])
+        assert ok, frac
+
+    long = {**ARGS, "width": 256, "height": 256, "num_inference_steps": 50}
+    handles = [fal_client.submit(APP, {"prompt": f"long {i}", "seed": 80 + i, **long}) for i in range(2)]
+    deadline = time.monotonic() + 90
+    while not all(any(e["message"].startswith("step 3/") for e in
+                      (fal_client.status(APP, h.request_id, with_logs=True).logs or [])) for h in handles):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    handles[0].cancel()
+    first, second = _final(handles[0], timeout=30), _final(handles[1], timeout=120)
+    assert first.error_type == "cancelled" and second.error is None
+    assert len([e for e in second.logs if e["message"].startswith("step ")]) > 40
+    stats = cluster.remote.handle.stats.remote().result(timeout_s=30)
+    assert stats["batch_sizes"][len(after["batch_sizes"]):] == [2] and stats["cancelled"] == 1, stats
+    out = handles[1].get()
+    want = local_service.run(APP, {"prompt": "long 1", "seed": 81, **long})
+    ok, frac = images_close([decode(out["images"][0])], [decode(want["images"][0])])
+    assert ok, frac
+
+
 def test_deployment_options_fixed_and_autoscaling():
     """Replica bounds become Serve options: equal bounds a fixed count, different ones an autoscaling config; the
     ingress queue takes as many jobs at once as the replicas (times the batch size) can."""
