@@ -7,6 +7,7 @@ back to the replica holding their adapter set. Skipped without Ray (`pip install
 fal_client reads FAL_RUN_HOST at import, so the port is chosen before the import (as in test_server.py)."""
 
 import base64
+import collections
 import io
 import os
 import socket
@@ -318,18 +319,21 @@ def _replica_samples(text: str, metric: str) -> dict[tuple[str, str], float]:
 
 def test_metrics_count_jobs_per_replica(cluster):
     """/metrics labels jobs done by replica (and each replica's own model calls and steps): after N requests the
-    per-replica deltas sum to N, spread over both replicas."""
+    per-replica deltas sum to N, each replica's delta the jobs whose log says they ran there."""
     _wait_replicas(2)
     with _http(cluster) as http:
         before = _replica_samples(http.get("/metrics").text, "engine_replica_jobs_total")
         steps_before = _replica_samples(http.get("/metrics").text, "engine_replica_denoise_steps_total")
         n = 8
         handles = [fal_client.submit(APP, {"prompt": f"count {i}", "seed": i, **ARGS}) for i in range(n)]
-        assert all(_final(h).error is None for h in handles)
+        finals = [_final(h) for h in handles]
+        assert all(f.error is None for f in finals)
         text = http.get("/metrics").text
+    ran_on = collections.Counter(e["message"].split()[3] for f in finals for e in f.logs
+                                 if e["message"].startswith("ran on replica"))
     after = _replica_samples(text, "engine_replica_jobs_total")
     done = {r: v - before.get((r, o), 0.0) for (r, o), v in after.items() if o == "done"}
-    assert sum(done.values()) == n and len([v for v in done.values() if v > 0]) == 2, done
+    assert sum(done.values()) == n and {r: v for r, v in done.items() if v} == ran_on, (done, ran_on)
     steps = _replica_samples(text, "engine_replica_denoise_steps_total")
     grown = sum(v - steps_before.get(k, 0.0) for k, v in steps.items())
     assert grown >= n * ARGS["num_inference_steps"], (steps_before, steps)
@@ -340,6 +344,7 @@ def test_ui_report_through_replicas_has_the_replicas_optimization_report(cluster
     """/ui/api/report through replicas: the model is loaded there (preloaded) and its report comes from a replica;
     replicas run the engine's defaults on CPU, so the passes match a local engine's."""
     _wait_replicas(2)
+    cluster.remote.reported.clear()  # what is loaded is asked of a replica, not only taken from past jobs
     with _http(cluster) as http:
         body = http.get("/ui/api/report", params={"app": APP}).json()
     entry = next(m for m in body["models"] if m["model"] == "tiny-sd15")

@@ -24,6 +24,7 @@ from ..runtime.queue import JobContext, current_job
 from .keys import adapter_key
 
 POLL_S = 0.1
+ASK_TIMEOUT_S = 5.0  # for lookups outside a job (which models are loaded)
 OUTCOMES = ("done", "failed", "cancelled")
 REPORTED = ("model_calls", "steps", "batches")  # each replica's own running totals, as it last sent them
 _END = object()
@@ -110,10 +111,14 @@ class RemoteEngine:
         return _Loaded(self._families[model])
 
     def loaded_models(self) -> list[str]:
-        """Models loaded on the replicas (as each last reported) or asked for here."""
+        """Models loaded on the replicas: one replica asked now (bounded wait), and each as it last reported."""
+        try:
+            now = set(self.handle.stats.remote().result(timeout_s=ASK_TIMEOUT_S).get("loaded", ()))
+        except Exception:  # noqa: BLE001 - busy or replaced replicas: what they reported last still counts
+            now = set()
         with self._lock:
             reported = {m for counters in self.reported.values() for m in counters.get("loaded", ())}
-        return sorted(reported | set(self._families))
+        return sorted(now | reported | set(self._families))
 
     def optimization_report(self, model: str) -> Any:
         """The compiler report of one replica (whichever Serve routes to; replicas share engine settings, so passes
