@@ -60,7 +60,8 @@ class RemoteEngine:
             request = parse_request(GenerateRequest, kwargs)
         key = adapter_key(request)
         job = current_job()
-        previews = bool(step_callback is not None and job is not None and job.want_previews)
+        # latents travel only when someone may render them: a job that streams previews, or a direct caller
+        previews = step_callback is not None and (job is None or job.want_previews)
         handle = self.handle.options(stream=True, multiplexed_model_id=key) if key else \
             self.handle.options(stream=True)
         # the replica resolves models and LoRAs as this caller may
@@ -151,11 +152,11 @@ class RemoteEngine:
         ended = False
         try:
             while True:
+                if ctx is not None:
+                    ctx.check()
                 try:
                     item = box.get(timeout=self.poll_s)
                 except queue.Empty:
-                    if ctx is not None:
-                        ctx.check()
                     continue
                 if item is _END:
                     ended = True
