@@ -2,7 +2,10 @@
 the in-process ingress (the real ASGI app over TLS, one queue) drives Ray Serve replicas, reached by the unmodified
 fal client. 40 requests spread over both replicas and equal the single-process results for the same seeds; a replica
 killed mid-run is replaced, its running job fails as `replica_died` and the rest finish; requests with adapters go
-back to the replica holding their adapter set. Skipped without Ray (`pip install 'engine[ray]'`).
+back to the replica holding their adapter set; replicas stream step progress and previews to the ingress, a
+cancelled job stops its replica's engine at the next step (also within a batch, where only it drops out), /metrics
+counts jobs per replica and /ui/api/report carries a replica's optimization report. Skipped without Ray
+(`pip install 'engine[ray]'`).
 
 fal_client reads FAL_RUN_HOST at import, so the port is chosen before the import (as in test_server.py)."""
 

@@ -134,7 +134,7 @@ class EngineWorker:
             except EngineError as e:  # as data: engine errors take required arguments and do not unpickle
                 self.failed += 1
                 ended = True
-                yield {"error": error_record(e), **self._where(key), "counters": self.counters()}
+                yield {"error": error_record(e), **self._where(key), "counters": await self._counters()}
                 return
             except Exception:
                 self.failed += 1
@@ -143,7 +143,7 @@ class EngineWorker:
             self.done += 1
             ended = True
             yield {"result": result, **self._where(key), "model_calls": self.model_calls,
-                   "counters": self.counters()}
+                   "counters": await self._counters()}
         finally:
             if not ended:  # cancelled by the caller (or the caller went away): stop at the next step
                 listener.stop.set()
@@ -161,6 +161,9 @@ class EngineWorker:
 
     def _where(self, key: str) -> dict[str, Any]:
         return {"replica": self.replica, "pid": self.pid, "adapters": key}
+
+    async def _counters(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self.counters)  # the engine's load lock may be held by a loading request
 
     def counters(self) -> dict[str, Any]:
         """This replica's running totals (sent with every final answer; the ingress exports them on /metrics)."""
@@ -210,7 +213,7 @@ class EngineWorker:
             return {"error": error_record(e)}
 
     async def stats(self) -> dict[str, Any]:
-        return {"replica": self.replica, "pid": self.pid, **self.counters(),
+        return {"replica": self.replica, "pid": self.pid, **(await self._counters()),
                 "batch_sizes": list(self._batcher.batches) if self._batcher else [],
                 "adapter_sets": list(self.adapter_sets)}
 
