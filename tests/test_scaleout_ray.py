@@ -274,6 +274,18 @@ def test_stream_through_replicas_sends_each_step_with_a_preview(cluster, local_s
     assert any(m.startswith("running on replica") for m in messages)
 
 
+def test_a_direct_callers_step_callback_sees_every_step_of_the_replica(cluster):
+    """Outside a job (no previews wanted) each step still reaches the callback, without latents."""
+    from engine.requests import GenerateRequest
+
+    seen = []
+    request = GenerateRequest(model="tiny-sd15", prompt="x", width=64, height=64, num_inference_steps=3, seed=2)
+    result = cluster.remote.generate(request, step_callback=lambda i, n, latents: seen.append((i, n, latents)))
+    n = seen[-1][1]
+    assert [(i, k) for i, k, _ in seen] == [(i, n) for i in range(n)] and n >= 3
+    assert all(latents is None for _, _, latents in seen) and result.images[0].size == (64, 64)
+
+
 def test_cancelling_a_running_job_stops_the_replica_at_its_next_step(cluster):
     """A long job cancelled mid-run: status cancelled, the replica's engine stopped well before its last step (its
     own counters say so: the step its engine thread reached when it ended), and the next jobs run on it."""

@@ -56,12 +56,14 @@ class RemoteEngine:
     # -- the Engine surface the endpoints use ---------------------------------------------------------------------
     def generate(self, request: GenerateRequest | None = None, *, step_callback: Callable[..., Any] | None = None,
                  **kwargs: Any) -> Result:
+        """`step_callback(i, n, latents)` runs here for each step the replica ran; `latents` (on the CPU) only when
+        the current job streams previews, else None (previews are the only use of them across a replica)."""
         if request is None:
             request = parse_request(GenerateRequest, kwargs)
         key = adapter_key(request)
         job = current_job()
-        # latents travel only when someone may render them: a job that streams previews, or a direct caller
-        previews = step_callback is not None and (job is None or job.want_previews)
+        # latents travel only for a job that streams previews; other step callbacks get None for them
+        previews = bool(step_callback is not None and job is not None and job.want_previews)
         handle = self.handle.options(stream=True, multiplexed_model_id=key) if key else \
             self.handle.options(stream=True)
         # the replica resolves models and LoRAs as this caller may
