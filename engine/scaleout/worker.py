@@ -5,9 +5,8 @@ sends it to a replica that already holds (has fused) that set when one is free, 
 "load" below is the engine applying the set on its first request there. Batching (optional): same-key requests
 that arrive together run through `generate_batch` as one model call. Progress: `generate_stream` streams each
 step (and the latents for previews) back to the ingress; cancelling the call stops the engine at its next step.
-Health: Serve calls `check_health`
-periodically; a replica whose engine was closed or broken fails it and is replaced. Imports ray: load it only when
-starting replicas (engine/scaleout/serve.py)."""
+Health: Serve calls `check_health` periodically; a replica whose engine was closed or broken fails it and is
+replaced. Imports ray: load it only when starting replicas (engine/scaleout/serve.py)."""
 
 from __future__ import annotations
 
