@@ -1,8 +1,8 @@
 """The server's Prometheus metrics through `prometheus_client`, one `CollectorRegistry` per app (two apps in one
 process never share or collide): requests and failures per app, completed jobs, a latency histogram per app
-(submission to completion), and the queue depth and running jobs read at scrape time. When the engine reports per-replica
-counters (an optional `replica_stats()` hook: the scale-out proxy has one), they are exported labelled by replica,
-read at scrape time by a custom collector (the server never imports the scale-out code)."""
+(submission to completion), and the queue depth and running jobs read at scrape time. When the engine reports
+per-replica counters (an optional `replica_stats()` hook: the scale-out proxy has one), they are exported labelled by
+replica, read at scrape time by a custom collector (the server never imports the scale-out code)."""
 
 from __future__ import annotations
 
