@@ -205,3 +205,43 @@ def test_a_batch_with_a_bad_request_gives_each_its_own_outcome(engine):
     out = engine.generate_batch([good, bad])
     assert out[0].images[0].size == (64, 64)
     assert isinstance(out[1], Exception) and "scheduler" in str(out[1])
+
+
+def test_each_request_of_a_batch_gets_the_batch_steps_and_one_cancelled_does_not_stop_the_others(engine):
+    """Step callbacks through a batch: every request sees each step with its own latents row; one that cancels
+    (its callback raises the engine's cancel error) drops out while the batch finishes for the rest; when every
+    request cancels, the batch stops at its next step and each gets the cancel error."""
+    from conftest import images_close
+
+    from engine.errors import JobCancelledError
+    from engine.scaleout.batched import generate_batch
+
+    requests = [GenerateRequest(**{**BASE, "prompt": f"p{i}"}, seed=20 + i) for i in range(3)]
+    seen: list[list[tuple[int, int, tuple]]] = [[], [], []]
+
+    def listener(j, cancel_at=None):
+        def on_step(i, n, latents):
+            if cancel_at is not None and i >= cancel_at:
+                raise JobCancelledError("request cancelled")
+            seen[j].append((i, n, tuple(latents.shape)))
+        return on_step
+
+    out = engine.generate_batch(requests)  # warm, and the reference images
+    results = generate_batch(engine, requests, [listener(0), listener(1, cancel_at=1), listener(2)])
+    n = seen[0][-1][1]
+    assert [s[:2] for s in seen[0]] == [s[:2] for s in seen[2]] == [(i, n) for i in range(n)]
+    assert [s[:2] for s in seen[1]] == [(0, n)]  # dropped out after its first step
+    assert all(s[2][0] == 1 for row in seen for s in row)  # one latents row per request
+    for j in (0, 2):
+        assert results[j].extra["batch_size"] == 3
+        ok, frac = images_close(results[j].images, out[j].images)
+        assert ok, frac
+
+    calls = [0]
+
+    def stop_all(i, n, latents):
+        calls[0] += 1
+        raise JobCancelledError("request cancelled")
+
+    stopped = generate_batch(engine, requests, [stop_all] * 3)
+    assert all(isinstance(r, JobCancelledError) for r in stopped) and calls[0] == 3  # stopped after step 1

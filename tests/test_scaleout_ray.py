@@ -2,11 +2,15 @@
 the in-process ingress (the real ASGI app over TLS, one queue) drives Ray Serve replicas, reached by the unmodified
 fal client. 40 requests spread over both replicas and equal the single-process results for the same seeds; a replica
 killed mid-run is replaced, its running job fails as `replica_died` and the rest finish; requests with adapters go
-back to the replica holding their adapter set. Skipped without Ray (`pip install 'engine[ray]'`).
+back to the replica holding their adapter set; replicas stream step progress and previews to the ingress, a
+cancelled job stops its replica's engine at the next step (also within a batch, where only it drops out), /metrics
+counts jobs per replica and /ui/api/report carries a replica's optimization report. Skipped without Ray
+(`pip install 'engine[ray]'`).
 
 fal_client reads FAL_RUN_HOST at import, so the port is chosen before the import (as in test_server.py)."""
 
 import base64
+import collections
 import io
 import os
 import socket
@@ -231,6 +235,142 @@ def test_the_callers_policy_travels_to_the_replica(cluster, tmp_path):
     assert "loras.0.path" in str(info.value)
     assert cluster.remote.generate(request).images[0].size == (64, 64)
 
+def _http(cluster):
+    import httpx
+
+    return httpx.Client(base_url=f"https://127.0.0.1:{PORT}", verify=str(cluster.ca_file),
+                        headers={"Authorization": f"Key {API_KEY}"}, timeout=30)
+
+
+def _final(handle, timeout: float = 120):
+    """The request's last status (Completed), waiting at most `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = fal_client.status(APP, handle.request_id, with_logs=True)
+        if isinstance(status, fal_client.Completed):
+            return status
+        assert time.monotonic() < deadline, f"{handle.request_id} did not finish in {timeout} s"
+        time.sleep(0.1)
+
+
+def test_stream_through_replicas_sends_each_step_with_a_preview(cluster, local_service):
+    """The replica streams every denoising step (with the latents when previews are wanted) and the ingress turns
+    them into the same progress events, previews and step logs a single-process server sends."""
+    _wait_replicas(2)
+    args = {"prompt": "a kite", "seed": 3, **ARGS, "num_inference_steps": 3}
+    events = list(fal_client.stream(APP, args))
+    want = list(local_service.stream(APP, args))
+    progress, result = events[:-1], events[-1]
+    steps = [(e["type"], e["step"], e["num_steps"]) for e in progress]
+    assert steps == [(e["type"], e["step"], e["num_steps"]) for e in want[:-1]] and len(steps) >= 3, steps
+    for event, local in zip(progress, want):
+        preview = Image.open(io.BytesIO(base64.b64decode(event["preview"]["url"].split(",", 1)[1])))
+        assert preview.mode == "RGB" and preview.size == (local["preview"]["width"], local["preview"]["height"])
+    assert decode(result["images"][0]).tobytes() == decode(want[-1]["images"][0]).tobytes()
+    handle = fal_client.submit(APP, {**args, "seed": 4})
+    messages = [entry["message"] for entry in _final(handle).logs]
+    n = steps[-1][2]
+    assert [m for m in messages if m.startswith("step ")] == [f"step {i}/{n}" for i in range(1, n + 1)], messages
+    assert any(m.startswith("running on replica") for m in messages)
+
+
+def test_a_direct_callers_step_callback_sees_every_step_of_the_replica(cluster):
+    """Outside a job (no previews wanted) each step still reaches the callback, without latents."""
+    from engine.requests import GenerateRequest
+
+    seen = []
+    request = GenerateRequest(model="tiny-sd15", prompt="x", width=64, height=64, num_inference_steps=3, seed=2)
+    result = cluster.remote.generate(request, step_callback=lambda i, n, latents: seen.append((i, n, latents)))
+    n = seen[-1][1]
+    assert [(i, k) for i, k, _ in seen] == [(i, n) for i in range(n)] and n >= 3
+    assert all(latents is None for _, _, latents in seen) and result.images[0].size == (64, 64)
+
+
+def test_cancelling_a_running_job_stops_the_replica_at_its_next_step(cluster):
+    """A long job cancelled mid-run: status cancelled, the replica's engine stopped well before its last step (its
+    own counters say so: the step its engine thread reached when it ended), and the next jobs run on it."""
+    _wait_replicas(2)
+    steps = 50  # the endpoint's most; at 384x384 a replica needs about 10 s for them
+    handle = fal_client.submit(APP, {"prompt": "long", "seed": 5, **ARGS, "width": 384, "height": 384,
+                                     "num_inference_steps": steps})
+    deadline = time.monotonic() + 90
+    while True:
+        logs = [e["message"] for e in (fal_client.status(APP, handle.request_id, with_logs=True).logs or [])]
+        if any(m.startswith("step 3/") for m in logs):
+            break
+        assert time.monotonic() < deadline, logs
+        time.sleep(0.05)
+    replica = next(m for m in logs if m.startswith("running on replica")).split()[3]
+    cancelled_before = cluster.remote.reported.get(replica, {}).get("cancelled", 0)
+    handle.cancel()
+    cancelled_at = time.monotonic()
+    final = _final(handle, timeout=30)
+    assert final.error_type == "cancelled"
+    assert len([e for e in final.logs if e["message"].startswith("step ")]) < steps
+    # the next jobs: one per replica at once (each replica takes one job), until the cancelled one has reported
+    for _ in range(5):
+        quick = [fal_client.submit(APP, {"prompt": "next", "seed": i, **ARGS}) for i in range(2)]
+        assert all(_final(h, timeout=60).error is None for h in quick)
+        if cluster.remote.reported.get(replica, {}).get("cancelled", 0) > cancelled_before:
+            break
+    counters = cluster.remote.reported[replica]
+    assert time.monotonic() - cancelled_at < 60
+    stop = counters["stopped"][-1]
+    assert stop["stopped"] and 3 <= stop["step"] < stop["num_steps"] // 2, stop  # the engine thread ended early
+    assert counters["cancelled"] == cancelled_before + 1
+    assert cluster.remote.replica_stats()[replica]["jobs_cancelled"] >= 1
+
+
+def _replica_samples(text: str, metric: str) -> dict[tuple[str, str], float]:
+    """{(replica, outcome or ""): value} of one counter family in Prometheus text."""
+    import re
+
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(metric + "{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}", 1)[0]))
+            out[(labels["replica"], labels.get("outcome", ""))] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_metrics_count_jobs_per_replica(cluster):
+    """/metrics labels jobs done by replica (and each replica's own model calls and steps): after N requests the
+    per-replica deltas sum to N, each replica's delta the jobs whose log says they ran there."""
+    _wait_replicas(2)
+    with _http(cluster) as http:
+        before = _replica_samples(http.get("/metrics").text, "engine_replica_jobs_total")
+        steps_before = _replica_samples(http.get("/metrics").text, "engine_replica_denoise_steps_total")
+        n = 8
+        handles = [fal_client.submit(APP, {"prompt": f"count {i}", "seed": i, **ARGS}) for i in range(n)]
+        finals = [_final(h) for h in handles]
+        assert all(f.error is None for f in finals)
+        text = http.get("/metrics").text
+    ran_on = collections.Counter(e["message"].split()[3] for f in finals for e in f.logs
+                                 if e["message"].startswith("ran on replica"))
+    after = _replica_samples(text, "engine_replica_jobs_total")
+    done = {r: v - before.get((r, o), 0.0) for (r, o), v in after.items() if o == "done"}
+    assert sum(done.values()) == n and {r: v for r, v in done.items() if v} == ran_on, (done, ran_on)
+    steps = _replica_samples(text, "engine_replica_denoise_steps_total")
+    grown = sum(v - steps_before.get(k, 0.0) for k, v in steps.items())
+    assert grown >= n * ARGS["num_inference_steps"], (steps_before, steps)
+    assert all(v > 0 for v in _replica_samples(text, "engine_replica_model_calls_total").values())
+
+
+def test_ui_report_through_replicas_has_the_replicas_optimization_report(cluster, local_service):
+    """/ui/api/report through replicas: the model is loaded there (preloaded) and its report comes from a replica;
+    replicas run the engine's defaults on CPU, so the passes match a local engine's."""
+    _wait_replicas(2)
+    cluster.remote.reported.clear()  # what is loaded is asked of a replica, not only taken from past jobs
+    with _http(cluster) as http:
+        body = http.get("/ui/api/report", params={"app": APP}).json()
+    entry = next(m for m in body["models"] if m["model"] == "tiny-sd15")
+    assert entry["loaded"], body
+    report = entry["report"]
+    want = local_service.engine.optimization_report("tiny-sd15").as_dict()
+    assert report["device"] == want["device"] and report["config_hash"] == want["config_hash"]
+    assert [(p["name"], p["status"]) for p in report["passes"]] == [(p["name"], p["status"]) for p in want["passes"]]
+
+
 def test_batching_on_a_replica_runs_fewer_model_calls_with_equal_images(cluster, local_service):
     """Redeploys the app as 1 replica batching up to 8 (last in this module): 8 concurrent same-shape requests."""
     from concurrent.futures import ThreadPoolExecutor
@@ -253,6 +393,45 @@ def test_batching_on_a_replica_runs_fewer_model_calls_with_equal_images(cluster,
         want = local_service.engine.generate(request)
         ok, frac = images_close(result.images, want.images)
         assert ok and result.seed == request.seed, frac
+
+
+def test_a_batch_streams_steps_to_each_request_and_a_cancelled_one_drops_out(cluster, local_service):
+    """After the redeploy above (1 replica batching up to 8, which the ingress now reaches): two same-shape streams
+    run as one batch and each gets every step with its own preview; then in a batch of two long jobs one is
+    cancelled mid-run: it ends cancelled while the other finishes with its own image."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _wait_replicas(1)
+    args = [{"prompt": f"duo {i}", "seed": 70 + i, **ARGS, "num_inference_steps": 3} for i in range(2)]
+    before = cluster.remote.handle.stats.remote().result(timeout_s=30)  # the one replica's own counters
+    with ThreadPoolExecutor(2) as pool:
+        streams = list(pool.map(lambda a: list(fal_client.stream(APP, a)), args))
+    after = cluster.remote.handle.stats.remote().result(timeout_s=30)
+    assert after["replica"] == before["replica"] and after["batch_sizes"][len(before["batch_sizes"]):] == [2], after
+    for a, events in zip(args, streams):
+        want = list(local_service.stream(APP, a))
+        assert [(e["step"], e["num_steps"]) for e in events[:-1]] == [(e["step"], e["num_steps"]) for e in want[:-1]]
+        assert all(e["preview"]["url"].startswith("data:image/jpeg") for e in events[:-1])
+        ok, frac = images_close([decode(events[-1]["images"][0])], [decode(want[-1]["images"][0])])
+        assert ok, frac
+
+    long = {**ARGS, "width": 256, "height": 256, "num_inference_steps": 50}
+    handles = [fal_client.submit(APP, {"prompt": f"long {i}", "seed": 80 + i, **long}) for i in range(2)]
+    deadline = time.monotonic() + 90
+    while not all(any(e["message"].startswith("step 3/") for e in
+                      (fal_client.status(APP, h.request_id, with_logs=True).logs or [])) for h in handles):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    handles[0].cancel()
+    first, second = _final(handles[0], timeout=30), _final(handles[1], timeout=120)
+    assert first.error_type == "cancelled" and second.error is None
+    assert len([e for e in second.logs if e["message"].startswith("step ")]) > 40
+    stats = cluster.remote.handle.stats.remote().result(timeout_s=30)
+    assert stats["batch_sizes"][len(after["batch_sizes"]):] == [2] and stats["cancelled"] == 1, stats
+    out = handles[1].get()
+    want = local_service.run(APP, {"prompt": "long 1", "seed": 81, **long})
+    ok, frac = images_close([decode(out["images"][0])], [decode(want["images"][0])])
+    assert ok, frac
 
 
 def test_deployment_options_fixed_and_autoscaling():

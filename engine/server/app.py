@@ -224,7 +224,7 @@ def create_app(engine: Any, *, api_key: str | None = None, allow_private_urls: b
                                ttl_s=retention_s or 3600.0)
     service = FalService(engine, endpoint_overrides=endpoint_overrides, allow_private_urls=allow_private_urls,
                          trusted=False, files=files, timeout_s=timeout_s, queue=queue)
-    metrics = Metrics(depth=service.queue.depth)
+    metrics = Metrics(depth=service.queue.depth, replicas=getattr(engine, "replica_stats", None))
     expected = f"Key {api_key}".encode() if api_key else None
     # fal's header is `Authorization: Key <key>`: an API key in a header, whole value compared (not a bearer token)
     key_header = APIKeyHeader(name="Authorization", scheme_name="FalKey", auto_error=False,
