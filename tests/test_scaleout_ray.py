@@ -7,7 +7,8 @@ cancelled job stops its replica's engine at the next step (also within a batch, 
 counts jobs per replica and /ui/api/report carries a replica's optimization report. Skipped without Ray
 (`pip install 'engine[ray]'`).
 
-fal_client reads FAL_RUN_HOST at import, so the port is chosen before the import (as in test_server.py)."""
+fal_client reads FAL_RUN_HOST at import, so the port is chosen before the import (as in test_server.py), and the
+fixture patches the client's URL constants for a full run where another module imported it first."""
 
 import base64
 import collections
@@ -40,6 +41,7 @@ trustme = pytest.importorskip("trustme")
 uvicorn = pytest.importorskip("uvicorn")
 
 from conftest import images_close  # noqa: E402
+from serving import point_fal_client  # noqa: E402
 
 APP = "fal-ai/stable-diffusion-v1-5"
 ENDPOINTS = {APP: "tiny-sd15"}
@@ -61,8 +63,6 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    if fal_client.client.RUN_URL_FORMAT != f"https://127.0.0.1:{PORT}/":
-        pytest.skip("fal_client was imported before this module set FAL_RUN_HOST; run this module on its own")
     from engine.scaleout.serve import ScaleoutConfig, queue_for_replicas, start_replicas, stop_replicas
     from engine.server.app import create_app
 
@@ -91,6 +91,7 @@ def cluster(tmp_path_factory):
             time.sleep(0.05)
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("SSL_CERT_FILE", str(ca_file))
+            point_fal_client(mp, f"127.0.0.1:{PORT}")  # also when another module imported fal_client first
             yield Cluster(remote, app, ca_file)
     finally:
         if server is not None:
