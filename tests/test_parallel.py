@@ -9,6 +9,7 @@ compiled again)."""
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import diffusers
@@ -21,6 +22,7 @@ from engine import Engine
 from engine.compiler import CompileConfig, OptimizationReport
 from engine.compiler.context import PassContext
 from engine.compiler.parallel import apply_parallel_plan
+from engine.compiler.plan import caps_for, plan_compilation
 from engine.families import get_family
 from engine.loading.tiny import ensure_tiny_model
 from engine.scaleout.cfg_parallel import attach_cfg_parallel, split_batch
@@ -96,6 +98,16 @@ def test_the_pass_on_this_machine_and_its_switches():
     plan = SimpleNamespace(offloads=True, lossy=False, rung="model_offload", storage="compute")
     report, state = _pass_report("sdxl", CompileConfig(parallel_devices=("cpu", "cpu")), None, memory_plan=plan)
     assert report.status("parallel") == "skipped" and "model_offload" in report.details("parallel")[0]
+    lossy = SimpleNamespace(offloads=False, lossy=True, rung="fp8+resident", storage="fp8")
+    report, _ = _pass_report("sdxl", CompileConfig(parallel_devices=("cpu", "cpu")), None, memory_plan=lossy)
+    assert report.status("parallel") == "skipped" and "fp8" in report.details("parallel")[0]
+    report, _ = _pass_report("sdxl", CompileConfig(parallel_devices=("cpu", "cpu")), None,
+                             backend={"unet": "onnxruntime"})
+    assert report.status("parallel") == "skipped" and "exported onnxruntime" in report.details("parallel")[0]
+    forced = CompileConfig(compile=True, parallel_devices=("cpu", "cpu"))
+    whole = dataclasses.replace(plan_compilation(forced, caps_for(torch.device("cpu")), get_family("sdxl")), compile_scope="whole")
+    report, _ = _pass_report("sdxl", forced, None, compiled=True, plan=whole)
+    assert report.status("parallel") == "skipped" and "cuda_graphs" in report.details("parallel")[0]
     report, state = _pass_report("sdxl", CompileConfig(parallel_devices=("cpu", "cpu")), None)
     assert report.status("parallel") == "applied" and state["cfg_parallel"].replica is not None
     state["cfg_parallel"].remove()
