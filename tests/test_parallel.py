@@ -328,3 +328,19 @@ def test_ip_adapter_equals_unsplit(engines):
         assert np.abs(arr(a) - arr(base)).mean() > 1.0, "the IP-Adapter has no effect"
         same(a, b, f"{family} ip-adapter")
         assert np.array_equal(arr(split.generate(**args).images), arr(base))
+
+
+def test_the_worker_runs_under_the_callers_modes():
+    """Grad, inference and autocast modes are per thread: the copy's half runs under the caller's (a half without
+    autocast would come back fp32 and promote the joined output)."""
+    unet = _unet("sd15")
+    kw = _unet_inputs(unet, 2)
+    handle = attach_cfg_parallel(unet, (torch.device("cpu"), torch.device("cpu")))
+    with torch.no_grad():
+        assert not unet(**kw, timestep=3).sample.requires_grad
+    with torch.inference_mode():
+        assert unet(**kw, timestep=3).sample.is_inference()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert unet(**kw, timestep=3).sample.dtype == torch.bfloat16
+    assert handle.stats.split_calls == 3
+    handle.remove()

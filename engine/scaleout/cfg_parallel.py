@@ -147,8 +147,7 @@ class CfgParallel:
         first, second = {}, {}
         for name, value in call.items():
             first[name], second[name] = split_batch(value, batch)
-        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-        self._pending = self._executor.submit(self._run_replica, second, grad, inference)
+        self._pending = self._executor.submit(self._run_replica, second, _ThreadModes.of_caller(self.devices[0]))
         self.stats.split_calls += 1
         return (), first
 
@@ -158,12 +157,12 @@ class CfgParallel:
             return None
         return merge_outputs(output, pending.result())
 
-    def _run_replica(self, call: dict[str, Any], grad: bool, inference: bool) -> Any:
-        """In the worker thread: grad and inference mode are per thread, so the caller's are restored here."""
+    def _run_replica(self, call: dict[str, Any], modes: "_ThreadModes") -> Any:
+        """In the worker thread, under the caller's grad, inference and autocast modes (each is per thread)."""
         device = self.devices[1]
         self.stats.replica_threads = self.stats.replica_threads | {threading.get_ident()}
         scope = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-        with scope, torch.inference_mode(inference), torch.set_grad_enabled(grad):
+        with scope, modes.enter(device):
             assert self.replica is not None
             return self.replica(**move(call, device))
 
@@ -201,6 +200,27 @@ class CfgParallel:
         self.replica = replica.eval()
         self._built_from = fingerprint
         self.stats.rebuilds += 1
+
+
+@dataclass(frozen=True)
+class _ThreadModes:
+    """The thread-local modes a UNet call runs under, carried from the caller's thread to the worker's."""
+
+    grad: bool
+    inference: bool
+    autocast: bool
+    autocast_dtype: torch.dtype
+
+    @classmethod
+    def of_caller(cls, device: torch.device) -> "_ThreadModes":
+        return cls(torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+                   torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+
+    @contextlib.contextmanager
+    def enter(self, device: torch.device) -> Iterator[None]:
+        with torch.inference_mode(self.inference), torch.set_grad_enabled(self.grad), \
+                torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast):
+            yield
 
 
 def _move_loose_tensors(model: torch.nn.Module, device: torch.device) -> None:
