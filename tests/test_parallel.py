@@ -105,7 +105,8 @@ def test_the_pass_on_this_machine_and_its_switches():
                              backend={"unet": "onnxruntime"})
     assert report.status("parallel") == "skipped" and "exported onnxruntime" in report.details("parallel")[0]
     forced = CompileConfig(compile=True, parallel_devices=("cpu", "cpu"))
-    whole = dataclasses.replace(plan_compilation(forced, caps_for(torch.device("cpu")), get_family("sdxl")), compile_scope="whole")
+    regional = plan_compilation(forced, caps_for(torch.device("cpu")), get_family("sdxl"))
+    whole = dataclasses.replace(regional, compile_scope="whole")
     report, _ = _pass_report("sdxl", forced, None, compiled=True, plan=whole)
     assert report.status("parallel") == "skipped" and "cuda_graphs" in report.details("parallel")[0]
     report, state = _pass_report("sdxl", CompileConfig(parallel_devices=("cpu", "cpu")), None)
