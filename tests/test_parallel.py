@@ -345,3 +345,35 @@ def test_the_worker_runs_under_the_callers_modes():
         assert unet(**kw, timestep=3).sample.dtype == torch.bfloat16
     assert handle.stats.split_calls == 3
     handle.remove()
+
+
+# -- on CUDA (skipped on a CPU): the real selection, and the split across GPU streams ---------------------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_split_equals_unsplit():
+    """Auto selection on this machine's GPUs (applied on 2+, skipped with the reason on one), and the split forced
+    onto the engine's GPU twice (exercises the worker thread and cross-stream ordering on one GPU); whole-model
+    compile with CUDA graphs (O2's default on CUDA) reports why it does not compose."""
+    count = torch.cuda.device_count()
+    kw = dict(model="tiny-sdxl", **KW, guidance_scale=5.0, num_images=2)
+    plain = Engine(device="cuda:0", opt_level="O1", compile_config={"dtype": "fp32", "parallel": "off"})
+    auto = Engine(device="cuda:0", opt_level="O1", compile_config={"dtype": "fp32"})
+    forced = Engine(device="cuda:0", opt_level="O1",
+                    compile_config={"dtype": "fp32", "parallel_devices": ["cuda:0", "cuda:0"]})
+    detail = auto.optimization_report("tiny-sdxl").details("parallel")[0]
+    if count >= 2:
+        assert auto.optimization_report("tiny-sdxl").status("parallel") == "applied" and "cuda:1" in detail
+    else:
+        assert "one GPU" in detail
+    base = plain.generate(**kw).images
+    same(base, auto.generate(**kw).images, "auto")
+    same(base, forced.generate(**kw).images, "forced cuda:0 twice")
+    assert handle_of(forced, "tiny-sdxl").stats.split_calls > 0
+    if count >= 2:
+        o2 = Engine(device="cuda:0", opt_level="O2", compile_config={"dtype": "fp32"})
+        report = o2.optimization_report("tiny-sdxl")
+        if report.status("cuda_graphs") == "applied":  # whole-model compile: the hooks would be traced
+            assert report.status("parallel") == "skipped" and "cuda_graphs" in report.details("parallel")[0]
+        else:
+            assert report.status("parallel") == "applied"
+        same(base, o2.generate(**kw).images, "O2")
