@@ -77,6 +77,7 @@ class _Slot:
         self.pipeline.run_context = state.get("run_context")
         self.pipeline.encode_scope = planner.encode_scope(loaded.components, loaded.family, plan)
         self.exported: dict[str, str] = dict(state.get("backend", {}))  # component -> backend running its graph
+        self.cfg_parallel = state.get("cfg_parallel")  # the UNet's copy on a second device (compiler pass parallel)
         self.loras: LoraManager | None = None  # created on the first request with adapters
         self.source = (model, allow_pickle, single_file_config)
 
@@ -475,6 +476,8 @@ class Engine:
                     self._planner.set_vae_options(slot.loaded.components, plan)
                     if loras or slot.loras is not None:
                         self._apply_loras(slot, loras)
+                    if slot.cfg_parallel is not None:  # its UNet copy is rebuilt when the adapters changed
+                        slot.cfg_parallel.adapters_key = (slot.loras.active, slot.loras.fused) if slot.loras else None
                     if runner is not None:
                         return runner(slot.pipeline)
                     return run_compiled(slot.pipeline, params, step_callback)

@@ -16,7 +16,7 @@ from engine.compiler import CompileConfig, config_for_level, level_names
 from engine.compiler.compile import compile_counters
 
 ALL_PASSES = {"dtype", "fuse_qkv", "channels_last", "attention", "quant", "cache", "lora_slots", "kernels", "backend",
-              "cuda_graphs", "compile", "prompt_cache"}
+              "cuda_graphs", "compile", "prompt_cache", "parallel"}
 KW = dict(prompt="a lighthouse at dusk", negative_prompt="blurry", width=64, height=64, num_inference_steps=4,
           guidance_scale=5.0, seed=1)
 

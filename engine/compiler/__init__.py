@@ -18,6 +18,7 @@ from .dtype import apply_dtype
 from .kernels import apply_kernels_pass
 from .layout import apply_channels_last, apply_fuse_qkv
 from .lora_slots import apply_lora_slots
+from .parallel import apply_parallel_plan
 from .plan_rules import fit_config_to_plan
 from .prompt_cache import PromptCache, apply_prompt_cache
 from .quant import apply_quant
@@ -26,7 +27,8 @@ from .report import OptimizationReport, PassResult
 # Order matters: dtype before everything; fusing before quantizing; the kernels after every pass that rewrites
 # projections (the LoRA slots may unfuse q/k/v) and before placement, export and compile; the export backend after
 # every pass that changes the modules it exports (and it reports a quantized or cached denoiser as staying on torch);
-# compile last (it captures the final modules, and leaves the exported ones alone).
+# compile after them (it captures the final modules, and leaves the exported ones alone); the parallel pass last (its
+# UNet copy on a second device is made of the final UNet).
 PASSES: list[Callable[[PassContext], None]] = [
     apply_dtype,
     apply_fuse_qkv,
@@ -40,6 +42,7 @@ PASSES: list[Callable[[PassContext], None]] = [
     apply_cuda_graphs,
     apply_compile,
     apply_prompt_cache,
+    apply_parallel_plan,
 ]
 # With an offloading memory plan, components are placed right before the first of these passes.
 PLACEMENT_BEFORE = (apply_backend, apply_cuda_graphs, apply_compile)

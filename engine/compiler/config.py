@@ -12,7 +12,7 @@ import json
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import InvalidRequestError
 from ..paths import configs_dir
@@ -61,6 +61,25 @@ class CompileConfig(BaseModel):
     lora_hotswap_rank: int = Field(default=64, ge=1, le=1024)  # compiled models pre-allocate LoRA slots this large
     lora_fuse_after: int = Field(default=3, ge=0)  # fuse a LoRA set into the weights after N uses in a row (0: never)
     backend: Literal["torch", "onnxruntime", "tensorrt"] = "torch"  # runtime of the denoiser and VAE decoder
+    # Several devices for one request (compiler pass `parallel`): "auto" picks from what this process sees (CFG-parallel
+    # for UNets on 2 GPUs, FLUX context parallel under torchrun); "off" keeps one device. `parallel_devices` forces
+    # CFG-parallel onto these two devices (the first is the engine's), e.g. ("cuda:0", "cuda:2"), or ("cpu", "cpu")
+    # to exercise the split and the worker thread without GPUs.
+    parallel: Literal["auto", "off"] = "auto"
+    parallel_devices: tuple[str, str] | None = None
+
+    @field_validator("parallel_devices")
+    @classmethod
+    def _known_devices(cls, value: tuple[str, str] | None) -> tuple[str, str] | None:
+        if value is not None:
+            import torch
+
+            for name in value:
+                try:
+                    torch.device(name)
+                except (RuntimeError, TypeError) as e:
+                    raise ValueError(f"{name!r} is not a torch device ({e})") from None
+        return value
 
     def compute_hash(self) -> str:
         """Stable hash of the fields (keys compiled artifacts together with device and library versions)."""

@@ -11,4 +11,5 @@ module import time; `worker.py` (the Serve deployment) is imported only when rep
                each job under the ingress caller's policy and sends engine errors back as data
   serve.py     start Ray + the deployment and build the ingress app (`engine serve --replicas`)
   parallel.py  multi-GPU for one request: which diffusers parallelism fits a family and the visible devices
+  cfg_parallel.py  CFG-parallel for UNets: each batch in halves on two devices of one process (hook pair + copy)
 """

@@ -3,13 +3,14 @@
 - FLUX (a DiT: long image-token sequences): diffusers' context parallelism, `ContextParallelConfig` +
   `transformer.enable_parallelism(config=...)`. Ulysses (all-to-all over heads) when the device count divides the
   attention heads and the devices share a fast interconnect (NVLink); ring attention (K/V passed around) otherwise.
-- SDXL / SD1.5 (a UNet with classifier-free guidance): CFG-parallel on 2 devices, the conditional and the
-  unconditional branch each on its own GPU and the noise predictions exchanged every step. The plan is selected
-  here; the engine's pipelines run both branches in one batch today, so `apply_parallel` reports it skipped.
+- SDXL / SD1.5 (a UNet with classifier-free guidance): CFG-parallel on 2 devices of one process, the
+  unconditional and the conditional half of every UNet batch each on its own GPU, concurrently, the noise
+  predictions joined on the first (`engine/scaleout/cfg_parallel.py`, applied by the compiler pass `parallel`,
+  engine/compiler/parallel.py). No process group: one replica that sees two GPUs.
 - Anything else, one visible device, or no CUDA: a single-device plan, with the reason.
 
-`plan_parallel` is pure (unit-tested on simulated capabilities); `apply_parallel` needs an initialised
-`torch.distributed` process group of `plan.degree` ranks (torchrun) and is skipped on CPU."""
+`plan_parallel` is pure (unit-tested on simulated capabilities); `apply_parallel` applies the context-parallel kinds,
+which need an initialised `torch.distributed` process group of `plan.degree` ranks (torchrun), and says so otherwise."""
 
 from __future__ import annotations
 
@@ -100,5 +101,5 @@ def apply_parallel(transformer: Any, plan: ParallelPlan, caps: ParallelCaps) -> 
         transformer.enable_parallelism(config=ContextParallelConfig(**plan.config))
         return True, plan.reason
     if plan.kind == "cfg":
-        return False, "CFG-parallel selected, but the engine's pipelines batch both CFG branches on one device"
+        return False, "CFG-parallel runs in one process: the compiler's parallel pass hooks it onto the UNet"
     return False, plan.reason

@@ -1,0 +1,117 @@
+"""parallel pass: several devices for one request, selected from what this replica process sees.
+
+The plan comes from `engine.scaleout.parallel.plan_parallel` (family rule × capabilities): CFG-parallel for UNets
+(SD 1.5, SDXL) on two GPUs, applied here as a forward hook pair on the UNet and a copy of it on the second device
+(`engine.scaleout.cfg_parallel`); FLUX context parallel, which needs a torch.distributed group (torchrun), and is
+skipped with that reason otherwise. `parallel_devices` forces the two CFG-parallel devices (tests: ("cpu", "cpu")).
+
+Runs last: the copy is made of the final UNet (dtype, fused projections, kernels, LoRA slots, regionally compiled
+blocks, which the copy compiles again). What it cannot compose with is a table of reasons, reported as skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..scaleout.parallel import RULES, ParallelPlan, apply_parallel, detect_caps, plan_parallel
+from .context import PassContext
+from .plan import plan_of
+
+NAME = "parallel"
+
+
+@dataclass(frozen=True)
+class _Blocker:
+    applies: Callable[[PassContext], bool]
+    reason: Callable[[PassContext], str]
+
+
+def _memory_plan(ctx: PassContext) -> Any:
+    return ctx.state.get("memory_plan")
+
+
+# Why CFG-parallel cannot run on a model the earlier passes and the memory plan produced.
+BLOCKERS: tuple[_Blocker, ...] = (
+    _Blocker(lambda c: bool(getattr(_memory_plan(c), "offloads", False)),
+             lambda c: f"the {_memory_plan(c).rung} memory plan offloads weights; CFG-parallel keeps the UNet "
+                       "resident on each of its devices"),
+    _Blocker(lambda c: bool(getattr(_memory_plan(c), "lossy", False)),
+             lambda c: f"the {_memory_plan(c).rung} memory plan stores weights as {_memory_plan(c).storage} behind "
+                       "casting hooks, which the UNet copy would not carry"),
+    _Blocker(lambda c: c.family.denoiser in c.state.get("backend", {}),
+             lambda c: f"the {c.family.denoiser} runs as an exported {c.state['backend'][c.family.denoiser]} graph"),
+    _Blocker(lambda c: bool(c.state.get("compiled")) and plan_of(c).compile_scope == "whole",
+             lambda c: "the whole UNet is compiled (static shapes, CUDA graphs), which would trace the split hooks "
+                       "into its graph; regional compile composes (compile_config={'cuda_graphs': False})"),
+)
+
+
+def _uses_cfg(model: Any) -> bool:
+    """Guidance-distilled (LCM) UNets take the scale as `timestep_cond` and never run a negative branch."""
+    return getattr(getattr(model, "config", None), "time_cond_proj_dim", None) is None
+
+
+def _heads(model: Any) -> int | None:
+    heads = getattr(getattr(model, "config", None), "num_attention_heads", None)
+    return heads if isinstance(heads, int) else None
+
+
+def _second_device(first: torch.device, count: int) -> torch.device:
+    index = first.index or 0
+    return torch.device("cuda", (index + 1) % count)
+
+
+def apply_parallel_plan(ctx: PassContext) -> None:
+    if ctx.config.parallel == "off":
+        ctx.report.skipped(NAME, "disabled in config (parallel='off')")
+        return
+    family, model = ctx.family.name, ctx.denoiser
+    forced = ctx.config.parallel_devices
+    caps = ctx.state.get("parallel_caps")  # tests put simulated capabilities here
+    if forced is not None:
+        rule = RULES.get(family)
+        if rule is None or rule.kind != "cfg":
+            ctx.report.skipped(NAME, f"parallel_devices forces CFG-parallel, which is for UNet families "
+                               f"({', '.join(k for k, r in RULES.items() if r.kind == 'cfg')}), not {family}")
+            return
+        plan = ParallelPlan("cfg", 2, f"forced by parallel_devices={list(forced)}")
+        devices = (torch.device(forced[0]), torch.device(forced[1]))
+        if devices[0].type != ctx.device.type or (devices[0].index or 0) != (ctx.device.index or 0):
+            ctx.report.skipped(NAME, f"parallel_devices[0] must be the engine's device ({ctx.device}), not "
+                               f"{forced[0]}: the UNet stays where the pipeline runs")
+            return
+        if not _uses_cfg(model):
+            ctx.report.skipped(NAME, "CFG-parallel needs classifier-free guidance; this UNet is guidance-distilled "
+                               "(time_cond_proj_dim)")
+            return
+    else:
+        caps = caps or detect_caps(_heads(model))
+        plan = plan_parallel(family, caps, uses_cfg=_uses_cfg(model))
+        if not plan.parallel:
+            ctx.report.skipped(NAME, plan.reason)
+            return
+        if plan.kind != "cfg":  # FLUX context parallel: diffusers' enable_parallelism over a process group
+            applied, reason = apply_parallel(model, plan, caps)
+            (ctx.report.applied if applied else ctx.report.skipped)(NAME, f"{plan.kind}: {reason}")
+            return
+        devices = (ctx.device, _second_device(ctx.device, caps.device_count))
+    for blocker in BLOCKERS:
+        if blocker.applies(ctx):
+            ctx.report.skipped(NAME, f"cfg: {blocker.reason(ctx)} ({plan.reason})")
+            return
+    from ..scaleout.cfg_parallel import attach_cfg_parallel
+
+    compiled = plan_of(ctx).compile_kwargs() if ctx.state.get("compiled") else None
+    try:
+        runner = attach_cfg_parallel(model, devices, compile_kwargs=compiled)
+    except torch.OutOfMemoryError as e:
+        ctx.report.skipped(NAME, f"cfg: no room for the UNet copy on {devices[1]} ({str(e).splitlines()[0]})")
+        return
+    ctx.state["cfg_parallel"] = runner
+    note = "; the copy's blocks compiled again" if compiled else ""
+    ctx.report.applied(NAME, f"cfg: {type(model).__name__} runs each batch in halves on {devices[0]} and "
+                       f"{devices[1]} (with guidance: one CFG branch each), concurrently; odd batches on "
+                       f"{devices[0]}{note} ({plan.reason})")
