@@ -123,27 +123,6 @@ def _upscale_ids() -> list[str]:
     return sorted(k for k, s in registry().items() if s.family_spec.task == "upscale")
 
 
-# Which diffusers ControlNet classes serve which family, and the config fields that must match the denoiser's.
-_CONTROLNET_FIT: dict[str, tuple[str, tuple[str, ...]]] = {
-    "sd15": ("ControlNetModel", ("cross_attention_dim", "addition_embed_type")),
-    "sdxl": ("ControlNetModel", ("cross_attention_dim", "addition_embed_type")),
-    "flux": ("FluxControlNetModel", ("in_channels", "joint_attention_dim", "pooled_projection_dim")),
-}
-
-
-def check_controlnet_fits(module: Any, family: str, components: dict[str, Any], field: str) -> None:
-    """A ControlNet of another family (or another base model's shape) fails here with a 422, not in the UNet."""
-    cls_name, keys = _CONTROLNET_FIT[family]
-    if type(module).__name__ != cls_name:
-        raise InvalidRequestError(field, f"is a {type(module).__name__}; {family} models take a {cls_name}")
-    denoiser = components["transformer" if family == "flux" else "unet"]
-    for key in keys:
-        theirs, ours = module.config.get(key), denoiser.config.get(key)
-        if theirs != ours:
-            raise InvalidRequestError(field, f"its {key} is {theirs!r}, this {family} model's is {ours!r}: it "
-                                      "belongs to another base model")
-
-
 _IP_ADAPTER_FAMILIES = ("sd15", "sdxl")  # FLUX IP-Adapters (XLabs layout): not yet
 
 
@@ -732,7 +711,10 @@ class Engine:
                 cache[key] = module
         else:
             raise InvalidRequestError(field, f"expected a ControlNet id, path or module, not {type(model).__name__}")
-        check_controlnet_fits(module, slot.loaded.family.name, slot.loaded.components, field)
+        from .loading.controlnet import check_controlnet_fits
+
+        family_spec = slot.loaded.family
+        check_controlnet_fits(module, slot.loaded.components[family_spec.denoiser], family_spec.name, field)
         return module.to(device=self.device, dtype=dtype)
 
     def close(self) -> None:
