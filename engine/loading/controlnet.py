@@ -36,7 +36,8 @@ FAMILY_SIGNATURES: dict[str, dict[str, Any]] = {
 # block by block (UNet) or per transformer block, over the same packed latents (FLUX: in_channels).
 MATCHING_CONFIG: dict[str, tuple[str, ...]] = {
     "unet": ("block_out_channels", "layers_per_block", "cross_attention_dim", "addition_embed_type"),
-    "transformer": ("in_channels", "num_attention_heads", "attention_head_dim", "joint_attention_dim", "pooled_projection_dim"),
+    "transformer": ("in_channels", "num_attention_heads", "attention_head_dim", "joint_attention_dim",
+                    "pooled_projection_dim"),
 }
 
 CACHE_SIZE = 4
