@@ -188,3 +188,56 @@ def test_compile_decision_for_controlnets():
     Plan.compile = False
     assert compile_like_denoiser(net, pipe.unet, Plan()) == (False, "ControlNetModel: not compiled (the denoiser "
                                                                       "is not compiled)")
+
+
+@pytest.fixture(scope="module")
+def flux_assets():
+    pipe = diffusers.FluxPipeline.from_pretrained(ensure_tiny_model("flux"), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    net = make_controlnet(pipe, "flux", seed=3)
+    control = random_image(64, 64, seed=2)
+    stock = diffusers.FluxControlNetPipeline.from_pipe(pipe, controlnet=net)
+    stock.set_progress_bar_config(disable=True)
+    want = stock(**{**_stock_args(), "guidance_scale": 3.5}, max_sequence_length=64, control_image=control,
+                 controlnet_conditioning_scale=0.8).images
+    return net, control, want
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_flux_controlnet_matches_stock_under_every_plan(flux_assets, plan):
+    """FLUX: the ControlNet joins the transformer's swap group / gets its own block-level group offload."""
+    net, control, want = flux_assets
+    net = copy.deepcopy(net)
+    eng = Engine(device="cpu", opt_level="O0", memory_plan=plan)
+    try:
+        got = eng.generate(model="tiny-flux", **{**ARGS, "guidance_scale": 3.5}, max_sequence_length=64,
+                           controlnets=[{"model": net, "image": control, "conditioning_scale": 0.8}]).images
+        assert images_close(want, got)[0], plan
+        assert _placed_as(net, plan) == KIND[plan]
+        if KIND[plan] == "swap":
+            transformer = eng._slots["tiny-flux"].loaded.components["transformer"]
+            assert net in placement._SWAP_GROUPS[transformer][0].adjuncts
+    finally:
+        eng.close()
+
+
+def test_controlnet_follows_the_model_when_it_is_placed_again(assets):
+    """A LoRA change under an offload plan takes the placement off and puts it back (new swap groups): the next
+    ControlNet job joins the new denoiser group and leaves the old one."""
+    net = copy.deepcopy(assets["net"])
+    eng = Engine(device="cpu", memory_plan="model_offload", compile_config={"dtype": "fp32"})
+    try:
+        request = {**ARGS, **_requests(assets, net)["controlnet"]}
+        eng.generate(model="tiny-sdxl", **request)
+        slot = eng._slots["tiny-sdxl"]
+        unet = slot.loaded.components["unet"]
+        old = placement._SWAP_GROUPS[unet][0]
+        with eng._lora_change(slot):  # what a LoRA change does around the adapters
+            pass
+        new = placement._SWAP_GROUPS[unet][0]
+        assert new is not old
+        got = eng.generate(model="tiny-sdxl", **request).images
+        assert net in new.adjuncts and net not in old.adjuncts
+        assert images_close(assets["controlnet"], got)[0]
+    finally:
+        eng.close()

@@ -289,8 +289,11 @@ def _remove_hooks(module: torch.nn.Module) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------ adjuncts
-# How each adjunct module is placed now: (placement kind, device, the swap group handle it joined or None).
-_ADJUNCTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[str, str, int | None]]" = weakref.WeakKeyDictionary()
+# How each adjunct module is placed now: (placement kind, device, a weak reference to the swap group handle it joined
+# or None). A dead reference equals no live one, so a group placed anew (after a LoRA change) is never mistaken for
+# the old one.
+_ADJUNCTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[str, str, weakref.ref | None]]" = \
+    weakref.WeakKeyDictionary()
 
 
 def adjunct_home(plan: MemoryPlan | None, device: torch.device | str) -> torch.device:
@@ -329,12 +332,16 @@ def place_adjuncts(components: Mapping[str, Any], adjuncts: Mapping[str, torch.n
         group = _swap_group_of(name, components, plan) if plan.placement == "swap" else None
         if plan.placement == "swap" and group is None:
             group = _swap_group_of(plan.sizes.by_role("denoiser", "upsampler")[0].name, components, plan)
-        key = (plan.placement, str(device), id(group[0]) if group else None)
-        if _ADJUNCTS.get(module) == key:
+        key = (plan.placement, str(device), weakref.ref(group[0]) if group else None)
+        previous = _ADJUNCTS.get(module)
+        if previous == key:
             if plan.placement == "resident":
                 module.to(device)  # a caller's module moved since: back (a no-op when it is there)
             continue
         _remove_hooks(module)
+        old_group = previous[2]() if previous is not None and previous[2] is not None else None
+        if old_group is not None:
+            old_group.adjuncts.discard(module)  # it no longer swaps with that group
         if plan.placement == "resident" or (plan.placement == "swap" and group is None):
             module.to(device)
             how = f"on {device}"
