@@ -479,7 +479,7 @@ class Engine:
                 if self._slots.get(model) is slot:  # not evicted or replaced since it was looked up
                     self._planner.set_vae_options(slot.loaded.components, plan)
                     for note in self._planner.place_adjuncts(slot.loaded.components, plan, adjuncts):
-                        log.debug("%s: %s", model, note)
+                        log.info("%s: %s", model, note)
                     slot.compile_controlnets(params)
                     if loras or slot.loras is not None:
                         self._apply_loras(slot, loras)

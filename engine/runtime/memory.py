@@ -5,7 +5,9 @@ Three steps, each data-driven:
 1. **Sizes.** Every component is built from its config on the meta device (`build_meta_component`, the same
    builder the single-file loader uses) and counted: parameters (tied weights once), buffers, the part that
    diffusers' layerwise casting would store in fp8, the Linear weights a weight-only quantizer would pack, and the
-   groups `apply_group_offloading(offload_type="block_level")` would form. Counts are cached per folder (building
+   groups `apply_group_offloading(offload_type="block_level")` would form. A request's ControlNets and IP-Adapter
+   image encoder are sized the same way and join the model's sizes for that request (`with_adjuncts`); the swap
+   rungs put them in the denoiser's / text encoders' group (`SWAPS_WITH`). Counts are cached per folder (building
    FLUX's 12 B-parameter transformer on meta takes ~0.1 s, the imports more); bytes follow from the dtype of each
    component (a `torch.dtype`, or a policy `(name, class_name, config) -> dtype` as the loaders take).
 2. **Activations.** `estimate_activations` turns a request (size, images, CFG, attention kernel) into bytes per stage
