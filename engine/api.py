@@ -14,6 +14,7 @@ import logging
 import secrets
 import threading
 import time
+import weakref
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -80,6 +81,21 @@ class _Slot:
         self.cfg_parallel = state.get("cfg_parallel")  # the UNet's copy on a second device (compiler pass parallel)
         self.loras: LoraManager | None = None  # created on the first request with adapters
         self.source = (model, allow_pickle, single_file_config)
+        self._compiled_adjuncts: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # see compile_controlnets
+
+    def compile_controlnets(self, params: GenerationParams) -> None:
+        """A request's ControlNets get the denoiser's compile treatment (engine/compiler/compile.py), once each;
+        the report says what each got."""
+        from .compiler.compile import compile_like_denoiser
+
+        denoiser = self.loaded.components[self.loaded.family.denoiser]
+        plan = getattr(self.pipeline.run_context, "plan", None)
+        for control in params.controls:
+            if control.model in self._compiled_adjuncts:
+                continue
+            applied, detail = compile_like_denoiser(control.model, denoiser, plan)
+            (self.report.applied if applied else self.report.skipped)("compile", f"request {detail}")
+            self._compiled_adjuncts.add(control.model)
 
     def lora_manager(self) -> LoraManager:
         if self.loras is None:
@@ -124,28 +140,15 @@ def _upscale_ids() -> list[str]:
     return sorted(k for k, s in registry().items() if s.family_spec.task == "upscale")
 
 
-# Which diffusers ControlNet classes serve which family, and the config fields that must match the denoiser's.
-_CONTROLNET_FIT: dict[str, tuple[str, tuple[str, ...]]] = {
-    "sd15": ("ControlNetModel", ("cross_attention_dim", "addition_embed_type")),
-    "sdxl": ("ControlNetModel", ("cross_attention_dim", "addition_embed_type")),
-    "flux": ("FluxControlNetModel", ("in_channels", "joint_attention_dim", "pooled_projection_dim")),
-}
-
-
-def check_controlnet_fits(module: Any, family: str, components: dict[str, Any], field: str) -> None:
-    """A ControlNet of another family (or another base model's shape) fails here with a 422, not in the UNet."""
-    cls_name, keys = _CONTROLNET_FIT[family]
-    if type(module).__name__ != cls_name:
-        raise InvalidRequestError(field, f"is a {type(module).__name__}; {family} models take a {cls_name}")
-    denoiser = components["transformer" if family == "flux" else "unet"]
-    for key in keys:
-        theirs, ours = module.config.get(key), denoiser.config.get(key)
-        if theirs != ours:
-            raise InvalidRequestError(field, f"its {key} is {theirs!r}, this {family} model's is {ours!r}: it "
-                                      "belongs to another base model")
-
-
 _IP_ADAPTER_FAMILIES = ("sd15", "sdxl")  # FLUX IP-Adapters (XLabs layout): not yet
+
+
+def _adjuncts(params: GenerationParams) -> dict[str, torch.nn.Module]:
+    """The modules a job brings beside the model's, by the names the memory plan sizes and places them under."""
+    out = {("controlnet" if i == 0 else f"controlnet_{i}"): c.model for i, c in enumerate(params.controls)}
+    if params.ip_adapter is not None:
+        out["image_encoder"] = params.ip_adapter.image_encoder
+    return out
 
 
 def _load_ip_adapter(source: Any, dtype: torch.dtype, device: torch.device) -> tuple[dict[str, Any], Any]:
@@ -467,13 +470,18 @@ class Engine:
              step_callback: StepCallback | None, runner: Callable[[Any], Any] | None = None) -> Any:
         """Run `params` (or `runner(pipeline)`, sized as `params`) on the slot's pipeline under the run lock."""
         cfg = slot.pipeline.uses_cfg(params)  # the pipeline's rule (LCM UNets: none; FLUX: true CFG only)
+        adjuncts = _adjuncts(params)
         for _ in range(3):
-            plan, warning = self._planner.for_request(slot.plan, params.width, params.height, params.num_images, cfg)
+            plan, warning = self._planner.for_request(slot.plan, params.width, params.height, params.num_images, cfg,
+                                                      adjuncts)
             if warning:
                 log.warning("%s", warning)
             with self._run_lock:
                 if self._slots.get(model) is slot:  # not evicted or replaced since it was looked up
                     self._planner.set_vae_options(slot.loaded.components, plan)
+                    for note in self._planner.place_adjuncts(slot.loaded.components, plan, adjuncts):
+                        log.info("%s: %s", model, note)
+                    slot.compile_controlnets(params)
                     if loras or slot.loras is not None:
                         self._apply_loras(slot, loras)
                     if slot.cfg_parallel is not None:  # its UNet copy is rebuilt when the adapters changed
@@ -704,19 +712,21 @@ class Engine:
         key = (source.folder, source.subfolder, source.weight_name, source.image_encoder_folder, dtype)
         cached = cache.get(key)
         if cached is None:
-            cached = cache[key] = _load_ip_adapter(source, dtype, self.device)
+            cached = cache[key] = _load_ip_adapter(source, dtype, self._planner.adjunct_home(slot.plan))
         state_dict, encoder = cached
         return IPAdapterInput(state_dict=state_dict, weight_name=source.weight_name, image_encoder=encoder,
                               image=inputs["ip_adapter_image"], scale=spec.scale)
 
     def _controlnet(self, model: Any, index: int, slot: _Slot) -> torch.nn.Module:
         """A ControlNet for this model: a module from a trusted caller, or loaded by id/path (cached per engine), in
-        the denoiser's compute dtype on the engine's device."""
+        the denoiser's compute dtype; loaded onto the device under a resident memory plan, else onto the host (the
+        plan places it per job: `Planner.place_adjuncts`)."""
         from .pipelines.base import module_dtype
 
         field = f"controlnets[{index}].model"
         family = slot.loaded.family.name
         dtype = module_dtype(slot.loaded.components[slot.loaded.family.denoiser])
+        home = self._planner.adjunct_home(slot.plan)
         if isinstance(model, torch.nn.Module):
             if not caller_policy().trusted:
                 raise InvalidRequestError(field, "a ControlNet module object is only accepted from trusted callers")
@@ -727,16 +737,19 @@ class Engine:
             module = cache.get(key)
             if module is None:
                 if self.controlnet_resolver is not None:
-                    module = self.controlnet_resolver(model, family=family, torch_dtype=dtype, device=self.device)
+                    module = self.controlnet_resolver(model, family=family, torch_dtype=dtype, device=home)
                 else:
                     from .loading.controlnet import load_controlnet
 
-                    module = load_controlnet(model, family=family, torch_dtype=dtype, device=self.device, field=field)
+                    module = load_controlnet(model, family=family, torch_dtype=dtype, device=home, field=field)
                 cache[key] = module
         else:
             raise InvalidRequestError(field, f"expected a ControlNet id, path or module, not {type(model).__name__}")
-        check_controlnet_fits(module, slot.loaded.family.name, slot.loaded.components, field)
-        return module.to(device=self.device, dtype=dtype)
+        from .loading.controlnet import check_controlnet_fits
+
+        family_spec = slot.loaded.family
+        check_controlnet_fits(module, slot.loaded.components[family_spec.denoiser], family_spec.name, field)
+        return module if module_dtype(module) == dtype else module.to(dtype=dtype)
 
     def close(self) -> None:
         """Stop the engine's job queue (its threads; a running job ends `interrupted`) and unload every model.

@@ -106,6 +106,12 @@ class RefusedSourceError(InvalidRequestError):
     error_type = "refused_source"
 
 
+class OutsideProfileError(InvalidRequestError):
+    """A call needs shapes no built export engine (TensorRT, ONNX) takes, and its profile policy builds none: a 422
+    naming the request field behind the first axis out of range; `allowed` lists the engines that are built
+    (made by `engine.compiler.export.profiles.outside_profile_error`)."""
+
+
 # -- the fal protocol: app ids, request ids, the server ------------------------------------------------------------
 class AppNotFoundError(EngineError, LookupError):
     """The path names no app id this engine serves."""

@@ -106,7 +106,7 @@ def test_tiny_controlnet_runs_in_stock_pipeline(model, controlnet, pipeline_clas
     net = load_controlnet(controlnet, family=family)
     assert type(net).__name__ == get_family(family).controlnet_class
     pipe = _stock(model, pipeline_class, controlnet=net)
-    check_controlnet_fits(net, getattr(pipe, get_family(family).denoiser), get_family(family).denoiser)
+    check_controlnet_fits(net, getattr(pipe, get_family(family).denoiser), family)
     control = _image(1)
     on = _run(pipe, control_image=control, controlnet_conditioning_scale=1.0) if family == "flux" else \
         _run(pipe, image=control, controlnet_conditioning_scale=1.0)
@@ -196,8 +196,8 @@ def test_controlnet_of_other_widths_does_not_fit():
     with torch.device("meta"):
         unet = diffusers.UNet2DConditionModel.from_config(cfg)
     with pytest.raises(InvalidRequestError) as err:
-        check_controlnet_fits(net, unet, "unet", field="controlnets[0].model")
-    assert err.value.field == "controlnets[0].model"
+        check_controlnet_fits(net, unet, "sdxl", field="controlnets[1].model")
+    assert err.value.field == "controlnets[1].model" and "another base model" in str(err.value)
 
 
 def test_ip_adapter_refuses_another_family_and_untrusted_paths():

@@ -505,8 +505,12 @@ def test_outside_profile_is_a_typed_request_error_when_the_policy_does_not_build
     import dataclasses
 
     from engine import errors
-    from engine.compiler.export.profiles import POLICIES, OutsideProfileError
+    from engine.compiler.export import profiles
+    from engine.compiler.export.profiles import POLICIES
+    from engine.errors import OutsideProfileError
 
+    assert profiles.OutsideProfileError is OutsideProfileError  # callers importing it from profiles still work
+    assert (OutsideProfileError.error_type, OutsideProfileError.http_status) == ("invalid_request", 422)
     runner, wide, built, _ = _bucketed(dataclasses.replace(POLICIES["tensorrt"], on_miss="error"))
     runner.prepare(runner.plan.initial())
     with pytest.raises(OutsideProfileError, match="latent_height=96") as info:

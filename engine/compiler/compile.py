@@ -94,6 +94,35 @@ def apply_compile(ctx: PassContext) -> None:
                        f"cache {cache}")
 
 
+def compile_like_denoiser(module: torch.nn.Module, denoiser: torch.nn.Module, plan: CompilePlan | None
+                          ) -> tuple[bool, str]:
+    """A request's ControlNet gets the denoiser's treatment; (applied, what it got or why not).
+
+    Under regional compile its instances of the denoiser's repeated blocks (a UNet ControlNet holds the UNet's
+    `BasicTransformerBlock`s, a FLUX ControlNet the transformer's blocks) are compiled with the same settings, so
+    dynamo serves them with the code compiled for the denoiser's blocks (symbolic sizes: no recompile per
+    resolution). Under whole-model compile (CUDA graphs, static shapes) it runs eagerly: each ControlNet would add
+    a graph tree per resolution, and the recompile budget is the denoiser's."""
+    name = type(module).__name__
+    if plan is None or not plan.compile:
+        return False, f"{name}: not compiled (the denoiser is not compiled)"
+    if plan.compile_scope != "regional":
+        return False, (f"{name}: runs eagerly: the denoiser is compiled whole with static shapes"
+                       f"{' and CUDA graphs' if plan.cuda_graphs else ''}, where each ControlNet would add graphs "
+                       "per resolution outside the denoiser's recompile budget")
+    blocks = tuple(getattr(denoiser, "_repeated_blocks", None) or ())
+    todo = [m for m in module.modules() if type(m).__name__ in blocks]
+    if not todo:
+        return False, f"{name}: has none of the denoiser's repeated blocks ({', '.join(blocks) or 'none'}): eager"
+    kwargs = plan.compile_kwargs()
+    for block in todo:
+        if getattr(block, "_compiled_call_impl", None) is None:
+            block.compile(**kwargs)
+    kinds = ", ".join(sorted({type(m).__name__ for m in todo}))
+    return True, (f"{name}: {len(todo)} blocks ({kinds}) compiled regionally as the denoiser's "
+                  f"(dynamic={kwargs['dynamic']}, fullgraph={kwargs['fullgraph']})")
+
+
 @dataclass
 class CompileStats:
     """Graphs dynamo compiled while one model ran. The first job compiles; graphs after it are recompiles (a new

@@ -129,10 +129,13 @@ def choose_quant(kind: str, caps: DeviceCaps) -> tuple[str | None, str]:
             return "fp8", ""
         if caps.is_cuda:
             return "int8_dynamic", "fp8: needs CUDA compute capability >= 8.9"
-        # No CPU run shows torchao's int8 paths beating the bf16 matmuls O1 already picks (none has been measured),
-        # so "auto" (the O3 level) leaves the weights alone there rather than trade accuracy for an unproven gain.
-        return None, (f"auto on {caps.type}: int8 kernels are slower than bf16 matmuls here (fp8 needs CUDA "
-                      "compute capability >= 8.9); set quant='int8_weight_only' or 'int8_dynamic' to quantize anyway")
+        # Measured (benchmarks/quant_speed.py): on a CPU with native bf16, torchao's int8 paths are slower than the
+        # bf16 matmuls O1 already picks, so "auto" (the O3 level) leaves the weights alone rather than trade accuracy
+        # for a loss. Not measured: compiled int8 (O3 compiles after quantizing), CPUs without native bf16.
+        return None, (f"auto on {caps.type}: int8 measured slower than bf16 (eager small-SDXL UNet forward, 256 px, "
+                      "1 thread, Xeon with native bf16: int8 weight-only 1.26x, dynamic int8 2.52x the bf16 time; "
+                      "benchmarks/results/quant_cpu.md); fp8 needs CUDA compute capability >= 8.9; set "
+                      "quant='int8_weight_only' or 'int8_dynamic' to quantize anyway")
     if kind == "fp8" and not fp8_ok:
         where = f"compute capability {caps.capability[0]}.{caps.capability[1]}" if caps.capability else \
             f"device is {caps.type}"

@@ -2,8 +2,10 @@
 
 int8 weight-only and dynamic int8 run on any device; fp8 (dynamic activations and weights, flux-fast's recipe) needs
 CUDA compute capability 8.9 (Ada, Hopper). "auto" takes fp8 where it can, else dynamic int8 on CUDA; on other devices
-it skips (there the int8 kernels were slower than bf16), and an explicit kind still quantizes. The pass runs before
-compile, which then fuses the (de)quantization into the matmuls.
+it skips, and an explicit kind still quantizes: on a CPU with native bf16 both int8 paths were measured slower than
+bf16 (one eager small-SDXL UNet forward at 256 px, 1 thread: int8 weight-only 1.26x, dynamic int8 2.52x the bf16
+time; benchmarks/quant_speed.py, benchmarks/results/quant_cpu.md; compiled int8 and CPUs without native bf16 not
+measured). The pass runs before compile, which then fuses the (de)quantization into the matmuls.
 """
 
 from __future__ import annotations

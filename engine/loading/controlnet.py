@@ -32,10 +32,12 @@ FAMILY_SIGNATURES: dict[str, dict[str, Any]] = {
     "flux": {},
 }
 
-# Config entries a ControlNet must share with the denoiser it feeds (its residuals are added block by block).
+# Config entries a ControlNet must share with the denoiser it feeds, by the denoiser's name: its residuals are added
+# block by block (UNet) or per transformer block, over the same packed latents (FLUX: in_channels).
 MATCHING_CONFIG: dict[str, tuple[str, ...]] = {
     "unet": ("block_out_channels", "layers_per_block", "cross_attention_dim", "addition_embed_type"),
-    "transformer": ("num_attention_heads", "attention_head_dim", "joint_attention_dim", "pooled_projection_dim"),
+    "transformer": ("in_channels", "num_attention_heads", "attention_head_dim", "joint_attention_dim",
+                    "pooled_projection_dim"),
 }
 
 CACHE_SIZE = 4
@@ -112,15 +114,21 @@ def load_controlnet(source: str, *, family: str, torch_dtype: TorchDtype = torch
     return model
 
 
-def check_controlnet_fits(controlnet: torch.nn.Module, denoiser: torch.nn.Module, denoiser_name: str,
+def check_controlnet_fits(controlnet: torch.nn.Module, denoiser: torch.nn.Module, family: str,
                           field: str = "controlnets[0].model") -> None:
-    """A 422 naming `field` when `controlnet`'s residuals cannot be added to `denoiser`'s blocks (same family, other
-    widths: e.g. a tiny ControlNet with a full-size model)."""
-    for key in MATCHING_CONFIG[denoiser_name]:
+    """A 422 naming `field` when `controlnet` cannot feed this `family` model's `denoiser`: another class than the
+    family's (`FamilySpec.controlnet_class`), or config entries that differ (`MATCHING_CONFIG`: same family, other
+    widths, e.g. an SDXL ControlNet on an SD 1.5 UNet or a tiny one on a full-size model). Checked before the job,
+    not found as a shape error inside the denoiser."""
+    spec = get_family(family)
+    if type(controlnet).__name__ != spec.controlnet_class:
+        raise InvalidRequestError(field, f"is a {type(controlnet).__name__}; {family} models take a "
+                                  f"{spec.controlnet_class}")
+    for key in MATCHING_CONFIG[spec.denoiser]:
         mine, theirs = controlnet.config.get(key), denoiser.config.get(key)
         if key in controlnet.config and _norm(mine) != _norm(theirs):
-            raise InvalidRequestError(field, f"the ControlNet's {key} is {mine}, the model's {denoiser_name} has "
-                                      f"{theirs}; it was trained for another model")
+            raise InvalidRequestError(field, f"the ControlNet's {key} is {mine!r}, this {family} model's "
+                                      f"{spec.denoiser} has {theirs!r}: it belongs to another base model")
 
 
 def _norm(value: Any) -> Any:

@@ -5,7 +5,9 @@ Three steps, each data-driven:
 1. **Sizes.** Every component is built from its config on the meta device (`build_meta_component`, the same
    builder the single-file loader uses) and counted: parameters (tied weights once), buffers, the part that
    diffusers' layerwise casting would store in fp8, the Linear weights a weight-only quantizer would pack, and the
-   groups `apply_group_offloading(offload_type="block_level")` would form. Counts are cached per folder (building
+   groups `apply_group_offloading(offload_type="block_level")` would form. A request's ControlNets and IP-Adapter
+   image encoder are sized the same way and join the model's sizes for that request (`with_adjuncts`); the swap
+   rungs put them in the denoiser's / text encoders' group (`SWAPS_WITH`). Counts are cached per folder (building
    FLUX's 12 B-parameter transformer on meta takes ~0.1 s, the imports more); bytes follow from the dtype of each
    component (a `torch.dtype`, or a policy `(name, class_name, config) -> dtype` as the loaders take).
 2. **Activations.** `estimate_activations` turns a request (size, images, CFG, attention kernel) into bytes per stage
@@ -145,7 +147,7 @@ class ComponentSize:
     """One component in its dtype: bytes as stored, and what each lossy storage would make of them."""
 
     name: str
-    role: str  # "denoiser", "text_encoder", "vae", "upsampler"
+    role: str  # "denoiser", "text_encoder", "vae", "upsampler"; per request: "controlnet", "image_encoder"
     class_name: str
     dtype: str
     params: int
@@ -156,6 +158,7 @@ class ComponentSize:
     group_pair: int
     width: int = 0  # activation width from the config (see SHAPES), 0: the family's default
     heads: int = 0  # attention heads of its largest self-attention, 0: the family's default
+    residuals: float = 0.0  # a ControlNet: the residual maps it hands the denoiser, in maps of width x tokens
 
     def stored(self, storage: str) -> int:
         return self.storage_bytes.get(storage, self.bytes)
@@ -189,6 +192,7 @@ GROUP_BLOCK_MODULES: dict[str, tuple[str, ...]] = {
     "T5EncoderModel": ("encoder",),
     "CLIPTextModel": ("text_model", "encoder"),
     "CLIPTextModelWithProjection": ("text_model", "encoder"),
+    "CLIPVisionModelWithProjection": ("vision_model", "encoder"),  # an IP-Adapter's image encoder
 }
 
 
@@ -301,7 +305,9 @@ def component_role(name: str, family: FamilySpec) -> str:
         return "denoiser"
     if name.startswith("text_encoder"):
         return "text_encoder"
-    return name  # "vae", "upsampler"
+    if name.startswith("controlnet"):
+        return "controlnet"
+    return name  # "vae", "upsampler", "image_encoder"
 
 
 def default_dtype_rule(compute: torch.dtype) -> Callable[[str, str, Mapping[str, Any]], torch.dtype]:
@@ -329,8 +335,21 @@ SHAPES: dict[str, Callable[[Mapping[str, Any]], tuple[int, int]]] = {
     "T5EncoderModel": lambda c: (c["d_model"], c["num_heads"]),
     "CLIPTextModel": lambda c: (c["hidden_size"], c["num_attention_heads"]),
     "CLIPTextModelWithProjection": lambda c: (c["hidden_size"], c["num_attention_heads"]),
+    "CLIPVisionModelWithProjection": lambda c: (c["hidden_size"], c["num_attention_heads"]),
+    "ControlNetModel": _unet_shape,
+    "FluxControlNetModel": lambda c: (c["num_attention_heads"] * c["attention_head_dim"], c["num_attention_heads"]),
     # the decoder's full-resolution map right after the last upsampling has the second-narrowest width
     "AutoencoderKL": lambda c: (c["block_out_channels"][min(1, len(c["block_out_channels"]) - 1)], 1),
+}
+
+
+# Residual maps a ControlNet hands its denoiser (they stay alive through the denoiser's call), in maps of the
+# denoiser's activation width x tokens. UNet ControlNets: conv_in + every down resnet/downsampler + the mid block,
+# at falling resolution and rising width: ~5.5 level-0 maps for SD/SDXL's 3-4 levels (the same sum as the UNet's
+# skip stack in `ActivationSpec`), 6 with rounding up. FLUX ControlNets: one image-token map per block.
+RESIDUALS: dict[str, Callable[[Mapping[str, Any]], float]] = {
+    "ControlNetModel": lambda c: 6.0,
+    "FluxControlNetModel": lambda c: float(c.get("num_layers", 0) + c.get("num_single_layers", 0)),
 }
 
 
@@ -359,9 +378,10 @@ def size_components(model: str, family: FamilySpec | str, counts: Mapping[str, C
         role = component_role(name, family)
         storage = _storage_bytes(c, itemsize, role)
         width, heads = _shape(c)
+        residuals = RESIDUALS[c.class_name](c.config) if c.class_name in RESIDUALS else 0.0
         sizes.append(ComponentSize(name, role, c.class_name, DTYPE_NAMES.get(dt, str(dt)), c.params,
                                    storage["compute"], storage, c.group_always * itemsize, c.group_max * itemsize,
-                                   c.group_pair * itemsize, width, heads))
+                                   c.group_pair * itemsize, width, heads, residuals))
     return ModelSizes(model, family.name, tuple(sizes))
 
 
@@ -469,6 +489,53 @@ def sizes_from_components(model: str, family: FamilySpec | str, components: Mapp
     return size_components(model, family, counts, dtypes)
 
 
+# Modules a request brings along (not part of the model's folder): their sizes join the model's for that request.
+ADJUNCT_ROLES = ("controlnet", "image_encoder")
+
+
+@functools.lru_cache(maxsize=32)
+def _config_counts(cls: type, config_json: str) -> ComponentCounts:
+    from accelerate import init_empty_weights
+
+    config = json.loads(config_json)
+    with init_empty_weights(include_buffers=False):
+        if hasattr(cls, "from_config"):  # diffusers ModelMixin
+            module = cls.from_config(config)
+        else:  # transformers PreTrainedModel
+            module = cls(cls.config_class.from_dict(config))
+    return count_module(module)
+
+
+def adjunct_counts(module: torch.nn.Module) -> ComponentCounts:
+    """Counts of a request's ControlNet or IP-Adapter image encoder, from its config rebuilt on the meta device
+    (as the model's own components are sized), cached per class and config; a module its config cannot rebuild
+    (a caller's own subclass with extra weights) is counted as it is."""
+    config = getattr(module, "config", None)
+    raw = config.to_dict() if hasattr(config, "to_dict") else (dict(config) if config is not None else None)
+    if raw is None:
+        return count_module(module)
+    try:
+        counts = _config_counts(type(module), json.dumps(raw, sort_keys=True, default=str))
+    except Exception:  # noqa: BLE001 - a config its class cannot rebuild: count the module itself
+        return count_module(module)
+    own = sum(p.numel() for p in module.parameters() if p.is_floating_point())
+    return counts if abs(own - counts.params) <= own // 100 else count_module(module)
+
+
+def with_adjuncts(sizes: ModelSizes, family: FamilySpec | str,
+                  adjuncts: Mapping[str, torch.nn.Module]) -> ModelSizes:
+    """`sizes` plus a request's ControlNets / image encoder (named "controlnet", "controlnet_1", ...,
+    "image_encoder"), each in the dtype it holds."""
+    if not adjuncts:
+        return sizes
+    counts = {name: adjunct_counts(m) for name, m in adjuncts.items()}
+    dtypes = {name: next((p.dtype for p in m.parameters() if p.is_floating_point()), torch.float32)
+              for name, m in adjuncts.items()}
+    extra = size_components(sizes.model, family, counts, dtypes).components
+    kept = tuple(c for c in sizes.components if c.role not in ADJUNCT_ROLES)
+    return replace(sizes, components=kept + extra)
+
+
 # -------------------------------------------------------------------------------------------------- activations
 @dataclass(frozen=True)
 class ActivationSpec:
@@ -573,6 +640,8 @@ def estimate_activations(sizes: ModelSizes, request: PlanRequest, *, tiling: boo
     if not request.flash_attention and spec.attn_heads:
         attn_tokens = pixels / spec.attn_stride**2 + (text if spec.text_tokens else 0)
         denoise += 2 * heads * attn_tokens**2 * den_bytes
+    for net in sizes.by_role("controlnet"):  # its residuals live through the denoiser's call
+        denoise += tokens * width * net.residuals * den_bytes
     denoise *= batch
 
     encoders = sizes.by_role("text_encoder")
@@ -731,14 +800,30 @@ class MemoryPlan:
         return out
 
 
+# Roles that swap with another role's group: a ControlNet runs between the denoiser's calls every step (swapping it
+# separately would move both every step), an IP-Adapter's image encoder once before the loop, as the text encoders
+# (diffusers' `model_cpu_offload_seq`: text encoders -> image_encoder -> denoiser).
+SWAPS_WITH = {"upsampler": "denoiser", "controlnet": "denoiser", "image_encoder": "text_encoder"}
+
+
 def swap_groups(placement: Placement, sizes: ModelSizes) -> list[list[ComponentSize]]:
-    """Components in pipeline order, grouped by the placement's roles (an upscaler counts as the denoiser)."""
-    order = sizes.by_role("text_encoder") + sizes.by_role("denoiser", "upsampler") + sizes.by_role("vae")
-    if not placement.groups:
-        return [[c] for c in order]
-    role = lambda c: "denoiser" if c.role == "upsampler" else c.role  # noqa: E731
-    groups = [[c for c in order if role(c) in roles] for roles in placement.groups]
-    return [g for g in groups if g]
+    """Components in pipeline order, grouped by the placement's roles (an upscaler counts as the denoiser). Without
+    roles, one group per component, except that ControlNets join the denoiser's group and an image encoder the
+    last text encoder's."""
+    order = (sizes.by_role("text_encoder") + sizes.by_role("image_encoder") + sizes.by_role("denoiser", "upsampler")
+             + sizes.by_role("controlnet") + sizes.by_role("vae"))
+    role = lambda c: SWAPS_WITH.get(c.role, c.role)  # noqa: E731
+    if placement.groups:
+        groups = [[c for c in order if role(c) in roles] for roles in placement.groups]
+        return [g for g in groups if g]
+    groups: list[list[ComponentSize]] = []
+    for c in order:
+        host = next((g for g in reversed(groups) if c.role in SWAPS_WITH and role(g[0]) == role(c)), None)
+        if host is not None:
+            host.append(c)
+        else:
+            groups.append([c])
+    return groups
 
 
 @dataclass(frozen=True)
@@ -752,7 +837,9 @@ class _Evaluation:
     host: int
 
 
-_STAGE = {"text_encoder": "encode", "denoiser": "denoise", "upsampler": "denoise", "vae": "decode"}
+_STAGE = {"text_encoder": "encode", "image_encoder": "encode", "denoiser": "denoise", "upsampler": "denoise",
+          "controlnet": "denoise", "vae": "decode"}
+_ENCODERS = ("text_encoder", "image_encoder")
 
 
 def _evaluate(rung: Rung, sizes: ModelSizes, acts: Activations, budget: MemoryBudget) -> _Evaluation:
@@ -776,7 +863,7 @@ def _evaluate(rung: Rung, sizes: ModelSizes, acts: Activations, budget: MemoryBu
             for c in group:
                 on_device[c.name] = weight
                 placed[c.name] = (f"swap group {i + 1}/{len(groups)}", stored[c.name])
-        resident = max((sum(stored[c.name] for c in g) for g in groups if any(c.role != "text_encoder" for c in g)),
+        resident = max((sum(stored[c.name] for c in g) for g in groups if any(c.role not in _ENCODERS for c in g)),
                        default=0)  # the denoiser's group stays between requests when prompts hit the cache
         host = total - min((sum(stored[c.name] for c in g) for g in groups), default=0)
     else:
@@ -927,17 +1014,23 @@ def next_plan(plan: MemoryPlan, *, budget: MemoryBudget | None = None) -> Memory
                        start=names[index + 1], below_peak=plan.peak_bytes)
 
 
-def replan_request(plan: MemoryPlan, request: PlanRequest) -> MemoryPlan:
-    """The same rung for another request size: new activations and VAE options (tiling/slicing toggle per request)
-    without moving any weight; raises `InsufficientMemoryError` when this rung cannot serve it."""
+def replan_request(plan: MemoryPlan, request: PlanRequest, sizes: ModelSizes | None = None) -> MemoryPlan:
+    """The same rung for another request: new activations and VAE options (tiling/slicing toggle per request)
+    without moving any weight; `sizes` the model's with the request's ControlNets / image encoder
+    (`with_adjuncts`), which the rung places beside its own components. Raises `InsufficientMemoryError` when this
+    rung cannot serve it."""
     rung = RUNGS[plan.rung]
-    ev, tiling, slicing, _ = _try(rung, plan.sizes, request, plan.budget)
+    sizes = sizes or plan.sizes
+    ev, tiling, slicing, _ = _try(rung, sizes, request, plan.budget)
     reason = _fits(ev, plan.budget)
+    adjuncts = [c.name for c in sizes.components if c.role in ADJUNCT_ROLES]
+    what = f" with {', '.join(adjuncts)}" if adjuncts else ""
     if reason is not None:
-        raise InsufficientMemoryError(f"{plan.sizes.model} at {request.describe()} with plan {plan.rung}: {reason}",
-                                      needed_bytes=ev.peak, budget_bytes=plan.budget.device_bytes)
-    return replace(plan, activation_bytes=ev.activation, peak_bytes=ev.peak, peak_stage=ev.stage,
-                   vae_tiling=tiling, vae_slicing=slicing, request=request)
+        raise InsufficientMemoryError(f"{plan.sizes.model} at {request.describe()}{what} with plan {plan.rung}: "
+                                      f"{reason}", needed_bytes=ev.peak, budget_bytes=plan.budget.device_bytes)
+    return replace(plan, components=ev.components, weights_bytes=ev.weights, resident_bytes=ev.resident,
+                   host_bytes=ev.host, activation_bytes=ev.activation, peak_bytes=ev.peak, peak_stage=ev.stage,
+                   vae_tiling=tiling, vae_slicing=slicing, request=request, sizes=sizes)
 
 
 def needs_reload(old: MemoryPlan, new: MemoryPlan) -> bool:

@@ -8,7 +8,10 @@
   diffusers' `enable_model_cpu_offload` chains them, grouped by the plan and closed into a cycle (the first group's
   hook sends the last one back, instead of diffusers' end-of-call `maybe_free_model_hooks`); diffusers
   `apply_group_offloading(offload_type="block_level")` with a CUDA stream and pinned memory on CUDA only;
-- the VAE's `enable_tiling()` / `enable_slicing()`.
+- the VAE's `enable_tiling()` / `enable_slicing()`;
+- a request's ControlNets and IP-Adapter image encoder (`place_adjuncts`), per job, the way the plan places the
+  component they run with: resident on the device, in the denoiser's swap group (ControlNets) or the last text
+  encoder's (image encoder), or block-level group offload of their own.
 
 Components arrive on the host in their compute dtype. `reset_placement` undoes hooks before re-planning; it
 cannot undo lossy storage (diffusers refuses to un-cast layerwise casting: the weights are already rounded).
@@ -17,6 +20,7 @@ cannot undo lossy storage (diffusers refuses to un-cast layerwise casting: the w
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Any, Callable, ContextManager, Iterator, Mapping
 
 import torch
@@ -108,19 +112,61 @@ def _place_resident(modules: dict[str, torch.nn.Module], plan: MemoryPlan, devic
     return [f"placement resident: {', '.join(modules)} on {device}"]
 
 
+def _on_host(module: torch.nn.Module) -> bool:
+    return next((p.device.type == "cpu" for p in module.parameters()), True)
+
+
 class GroupOffloadHandle(UserCpuOffloadHook):
     """One accelerate offload handle for a group of modules: `prev_module_hook` takes a single
-    `UserCpuOffloadHook` (its device is checked on `model`, the group's largest module); `offload()` sends every
-    module of the group back to the host."""
+    `UserCpuOffloadHook`, whose `model` accelerate checks for being on the host before calling `offload()`; here
+    `model` is a member still on the device (the group's largest when none is), and `offload()` sends every member
+    back, a request's ControlNets / image encoder (`adjuncts`, held weakly) included."""
 
     def __init__(self, handles: list[UserCpuOffloadHook]):
         largest = max(handles, key=lambda h: sum(p.numel() for p in h.model.parameters()))
-        super().__init__(largest.model, largest.hook)
         self.handles = handles
+        self.adjuncts: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+        super().__init__(largest.model, largest.hook)
+
+    def members(self) -> list[torch.nn.Module]:
+        return [h.model for h in self.handles] + list(self.adjuncts)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return next((m for m in self.members() if not _on_host(m)), self._largest)
+
+    @model.setter
+    def model(self, module: torch.nn.Module) -> None:
+        self._largest = module
 
     def offload(self) -> None:
         for handle in self.handles:
             handle.offload()
+        for module in list(self.adjuncts):
+            module.to("cpu")
+
+
+class OtherGroupsHandle(GroupOffloadHandle):
+    """What a swap group's first hook offloads: every other group (not only the one before it: with a prompt-cache
+    hit the text encoders never run, and the VAE of the last job would otherwise stay beside the denoiser)."""
+
+    def __init__(self, groups: list[GroupOffloadHandle]):
+        self.groups = groups
+        self.adjuncts = weakref.WeakSet()
+        self.handles = [h for g in groups for h in g.handles]
+        UserCpuOffloadHook.__init__(self, groups[0].model, groups[0].hook)
+
+    def members(self) -> list[torch.nn.Module]:
+        return [m for g in self.groups for m in g.members()]
+
+    def offload(self) -> None:
+        for group in self.groups:
+            group.offload()
+
+
+# Swap placement of each placed component: (its group's handle, the handle its group's first hook offloads).
+_SWAP_GROUPS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[GroupOffloadHandle, OtherGroupsHandle | None]]" = \
+    weakref.WeakKeyDictionary()
 
 
 def _place_swap(modules: dict[str, torch.nn.Module], plan: MemoryPlan, device: torch.device) -> list[str]:
@@ -136,22 +182,29 @@ def _place_swap(modules: dict[str, torch.nn.Module], plan: MemoryPlan, device: t
             groups.append(extra)
     handles = [[cpu_offload_with_hook(modules[name], device)[1] for name in group] for group in groups]
     group_handles = [GroupOffloadHandle(h) for h in handles]
-    if len(groups) > 1:
-        for i, group in enumerate(handles):
-            group[0].hook.prev_module_hook = group_handles[i - 1]  # cyclic: the first group sends the last back
+    for i, (names, group) in enumerate(zip(groups, handles)):
+        others = OtherGroupsHandle(group_handles[:i] + group_handles[i + 1:]) if len(groups) > 1 else None
+        group[0].hook.prev_module_hook = others
+        for name in names:
+            _SWAP_GROUPS[modules[name]] = (group_handles[i], others)
     order = " -> ".join("+".join(g) for g in groups)
     return [f"placement {plan.rung}: accelerate cpu_offload_with_hook onto {device}, groups {order} (each group's "
-            "first forward sends the previous group back to the host)"]
+            "first forward sends the other groups back to the host)"]
 
 
-def _place_group_offload(modules: dict[str, torch.nn.Module], plan: MemoryPlan, device: torch.device) -> list[str]:
+def _group_offload(module: torch.nn.Module, device: torch.device) -> None:
     from diffusers.hooks import apply_group_offloading
 
     stream = device.type == "cuda"
+    apply_group_offloading(module, onload_device=device, offload_device=torch.device("cpu"),
+                           offload_type="block_level", num_blocks_per_group=1, non_blocking=stream,
+                           use_stream=stream, block_modules=list(group_block_modules(module) or ()) or None)
+
+
+def _place_group_offload(modules: dict[str, torch.nn.Module], plan: MemoryPlan, device: torch.device) -> list[str]:
+    stream = device.type == "cuda"
     for module in modules.values():
-        apply_group_offloading(module, onload_device=device, offload_device=torch.device("cpu"),
-                               offload_type="block_level", num_blocks_per_group=1, non_blocking=stream,
-                               use_stream=stream, block_modules=list(group_block_modules(module) or ()) or None)
+        _group_offload(module, device)
     how = "CUDA stream prefetch from pinned memory" if stream else "no stream (not CUDA), pageable memory"
     return [f"placement group_offload: diffusers block-level group offload onto {device} for {', '.join(modules)} "
             f"({how})"]
@@ -202,6 +255,18 @@ def apply_memory_plan(components: Mapping[str, Any], family: FamilySpec, plan: M
 def reset_placement(components: Mapping[str, Any], *, quiet: bool = False) -> list[str]:
     """Remove offload hooks (accelerate's and diffusers' group offload) and bring every module back to the host.
     Lossy storage stays: once rounded, weights do not come back (`memory.needs_reload` says when to reload)."""
+    notes = []
+    for name, module in _modules(components).items():
+        removed = _remove_hooks(module)
+        _SWAP_GROUPS.pop(module, None)
+        module.to("cpu")
+        if removed:
+            notes.append(f"{name}: removed {', '.join(removed)} hooks")
+    return [] if quiet else notes
+
+
+def _remove_hooks(module: torch.nn.Module) -> list[str]:
+    """Take accelerate's and diffusers' group-offload hooks off `module`; what was removed."""
     from accelerate.hooks import remove_hook_from_module
     from diffusers.hooks import HookRegistry
     from diffusers.hooks.group_offloading import (
@@ -211,21 +276,88 @@ def reset_placement(components: Mapping[str, Any], *, quiet: bool = False) -> li
         _is_group_offload_enabled,
     )
 
+    removed = []
+    if any(hasattr(m, "_hf_hook") for m in module.modules()):
+        remove_hook_from_module(module, recurse=True)
+        removed.append("accelerate offload")
+    if _is_group_offload_enabled(module):
+        registry = HookRegistry.check_if_exists_or_initialize(module)
+        for hook in (_GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER, _LAZY_PREFETCH_GROUP_OFFLOADING):
+            registry.remove_hook(hook, recurse=True)
+        removed.append("group offload")
+    return removed
+
+
+# ------------------------------------------------------------------------------------------------------ adjuncts
+# How each adjunct module is placed now: (placement kind, device, a weak reference to the swap group handle it joined
+# or None). A dead reference equals no live one, so a group placed anew (after a LoRA change) is never mistaken for
+# the old one.
+_ADJUNCTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[str, str, weakref.ref | None]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def adjunct_home(plan: MemoryPlan | None, device: torch.device | str) -> torch.device:
+    """Where a request's ControlNet / image encoder is loaded: the device under a resident plan, else the host (the
+    plan's hooks bring it to the device when it runs)."""
+    return torch.device(device) if plan is None or not plan.offloads else torch.device("cpu")
+
+
+def _swap_group_of(name: str, components: Mapping[str, Any], plan: MemoryPlan
+                   ) -> tuple[GroupOffloadHandle, OtherGroupsHandle | None] | None:
+    """The swap group `plan.sizes` puts adjunct `name` in, found through a placed component of that group."""
+    for group in swap_groups(RUNGS[plan.rung].placement, plan.sizes):
+        if any(c.name == name for c in group):
+            for c in group:
+                module = components.get(c.name)
+                if isinstance(module, torch.nn.Module) and module in _SWAP_GROUPS:
+                    return _SWAP_GROUPS[module]
+    return None
+
+
+def place_adjuncts(components: Mapping[str, Any], adjuncts: Mapping[str, torch.nn.Module], plan: MemoryPlan,
+                   device: torch.device | str) -> list[str]:
+    """Place a request's ControlNets ("controlnet", "controlnet_1", ...) and IP-Adapter image encoder
+    ("image_encoder") as `plan` places the model (`plan.sizes` from `memory.with_adjuncts` says which swap group
+    each joins): resident: on the device; swap: an accelerate hook whose first forward sends the other groups back,
+    and a member of its group (sent back with it); group offload: its own block-level group offload. A module
+    already placed this way is left alone (the next job with the same ControlNet moves nothing). Lossy storage is
+    not applied to them: they stay in their compute dtype. Returns notes of what changed."""
+    from accelerate import cpu_offload_with_hook
+
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     notes = []
-    for name, module in _modules(components).items():
-        removed = []
-        if any(hasattr(m, "_hf_hook") for m in module.modules()):
-            remove_hook_from_module(module, recurse=True)
-            removed.append("accelerate offload")
-        if _is_group_offload_enabled(module):
-            registry = HookRegistry.check_if_exists_or_initialize(module)
-            for hook in (_GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER, _LAZY_PREFETCH_GROUP_OFFLOADING):
-                registry.remove_hook(hook, recurse=True)
-            removed.append("group offload")
-        module.to("cpu")
-        if removed:
-            notes.append(f"{name}: removed {', '.join(removed)} hooks")
-    return [] if quiet else notes
+    for name, module in adjuncts.items():
+        group = _swap_group_of(name, components, plan) if plan.placement == "swap" else None
+        if plan.placement == "swap" and group is None:
+            group = _swap_group_of(plan.sizes.by_role("denoiser", "upsampler")[0].name, components, plan)
+        key = (plan.placement, str(device), weakref.ref(group[0]) if group else None)
+        previous = _ADJUNCTS.get(module)
+        if previous == key:
+            if plan.placement == "resident":
+                module.to(device)  # a caller's module moved since: back (a no-op when it is there)
+            continue
+        _remove_hooks(module)
+        old_group = previous[2]() if previous is not None and previous[2] is not None else None
+        if old_group is not None:
+            old_group.adjuncts.discard(module)  # it no longer swaps with that group
+        if plan.placement == "resident" or (plan.placement == "swap" and group is None):
+            module.to(device)
+            how = f"on {device}"
+        elif plan.placement == "swap":
+            assert group is not None
+            module.to("cpu")
+            cpu_offload_with_hook(module, device, prev_module_hook=group[1])
+            group[0].adjuncts.add(module)
+            how = f"swapped with {'+'.join(type(m).__name__ for m in group[0].members() if m is not module)}"
+        else:
+            module.to("cpu")
+            _group_offload(module, device)
+            how = f"block-level group offload onto {device}"
+        _ADJUNCTS[module] = key
+        notes.append(f"{name} ({type(module).__name__}): {how}")
+    return notes
 
 
 def offload_text_encoders(components: Mapping[str, Any]) -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -118,16 +118,19 @@ class Planner:
         available = memory.detect_budget(self.device).host_bytes if self.device.type != "cpu" else None
         return available is None or plan.host_bytes <= available
 
-    def for_request(self, plan: memory.MemoryPlan, width: int, height: int, num_images: int, cfg: bool) -> tuple[
-            memory.MemoryPlan, str | None]:
-        """The plan's VAE options for this request's size (tiling/slicing are per call); a note when the rung is
-        expected not to fit it (the job still runs: an actual out-of-memory error steps down)."""
+    def for_request(self, plan: memory.MemoryPlan, width: int, height: int, num_images: int, cfg: bool,
+                    adjuncts: Mapping[str, torch.nn.Module] | None = None) -> tuple[memory.MemoryPlan, str | None]:
+        """The plan for this request: its size's VAE options (tiling/slicing are per call) and, sized beside the
+        model's components, the request's ControlNets / image encoder (`adjuncts`, placed by `place_adjuncts`); a
+        note when the rung is expected not to fit it (the job still runs: an actual out-of-memory error steps
+        down)."""
         request = memory.PlanRequest(width, height, num_images, cfg=cfg, flash_attention=plan.request.flash_attention,
                                      max_sequence_length=plan.request.max_sequence_length)
+        sizes = memory.with_adjuncts(plan.sizes, plan.sizes.family, adjuncts or {})
         try:
-            return memory.replan_request(plan, request), None
+            return memory.replan_request(plan, request, sizes), None
         except InsufficientMemoryError as e:
-            return replace(plan, vae_tiling=True, vae_slicing=num_images > 1, request=request), str(e)
+            return replace(plan, vae_tiling=True, vae_slicing=num_images > 1, request=request, sizes=sizes), str(e)
 
     @staticmethod
     def load_policy(policy: Any, plan: memory.MemoryPlan) -> Any:
@@ -146,6 +149,15 @@ class Planner:
 
     def place(self, components: dict[str, Any], family: Any, plan: memory.MemoryPlan) -> list[str]:
         return placement.apply_memory_plan(components, family, plan, self.device)
+
+    def place_adjuncts(self, components: dict[str, Any], plan: memory.MemoryPlan,
+                       adjuncts: Mapping[str, torch.nn.Module]) -> list[str]:
+        """A request's ControlNets / image encoder placed as `plan` (from `for_request`) places the model."""
+        return placement.place_adjuncts(components, adjuncts, plan, self.device) if adjuncts else []
+
+    def adjunct_home(self, plan: memory.MemoryPlan | None) -> torch.device:
+        """Where to load a request's ControlNet / image encoder for a model under `plan`."""
+        return placement.adjunct_home(plan, self.device)
 
     def set_vae_options(self, components: dict[str, Any], plan: memory.MemoryPlan) -> None:
         vae = components.get("vae")

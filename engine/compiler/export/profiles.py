@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from ...errors import InvalidRequestError
+from ...errors import OutsideProfileError
 from .modules import Runner
 from .onnx_export import Dim, ExportSpec
 from .specs import SizeProfile
@@ -194,20 +194,18 @@ class BucketPlan:
         return bucket
 
 
-class OutsideProfileError(InvalidRequestError):
-    """A call needs shapes no built engine takes, and the policy does not build new ones (a 422 naming the
-    request field behind the first axis out of range)."""
-
-    def __init__(self, component: str, sizes: dict[str, int], built: Iterable[Bucket], reason: str,
-                 axis: str | None = None):
-        built = list(built)
-        if axis is None:
-            axis = next((n for n in AXIS_FIELDS if n in sizes and built
-                         and all(not _inside(b, n, sizes[n]) for b in built)), "batch")
-        engines = "; ".join(b.describe() for b in built) or "none built"
-        super().__init__(AXIS_FIELDS.get(axis, "width"),
-                         f"the {component} engines take [{engines}], not "
-                         f"{', '.join(f'{k}={v}' for k, v in sorted(sizes.items()))}: {reason}", engines)
+def outside_profile_error(component: str, sizes: dict[str, int], built: Iterable[Bucket], reason: str,
+                          axis: str | None = None) -> OutsideProfileError:
+    """The typed 422 for a call no built engine takes, naming the request field behind the first axis out of
+    range (or `axis`) and listing the engines that are built."""
+    built = list(built)
+    if axis is None:
+        axis = next((n for n in AXIS_FIELDS if n in sizes and built
+                     and all(not _inside(b, n, sizes[n]) for b in built)), "batch")
+    engines = "; ".join(b.describe() for b in built) or "none built"
+    return OutsideProfileError(AXIS_FIELDS.get(axis, "width"),
+                               f"the {component} engines take [{engines}], not "
+                               f"{', '.join(f'{k}={v}' for k, v in sorted(sizes.items()))}: {reason}", engines)
 
 
 def _inside(bucket: Bucket, name: str, size: int) -> bool:
@@ -271,11 +269,11 @@ class BucketedRunner:
                 return self.engines[bucket]
         bucket = self.plan.bucket_for(sizes)
         if bucket is None:
-            raise OutsideProfileError(self.spec.component, sizes, self.engines,
+            raise outside_profile_error(self.spec.component, sizes, self.engines,
                                       "no bucket of the profile policy takes these shapes",
                                       axis=self.plan.outside_axis(sizes))
         if self.plan.policy.on_miss == "error":
-            raise OutsideProfileError(self.spec.component, sizes, self.engines,
+            raise outside_profile_error(self.spec.component, sizes, self.engines,
                                       "this policy builds no engine on demand; load the model again for this size")
         return self.prepare(bucket)
 
@@ -284,4 +282,5 @@ class BucketedRunner:
 
 
 __all__ = ["POLICIES", "Bucket", "BucketPlan", "BucketedRunner", "DeviceMemoryError", "NoExecutionContext",
-           "OutsideProfileError", "ProfilePolicy", "axis_sizes", "narrow"]
+           "OutsideProfileError", "ProfilePolicy", "axis_sizes", "narrow",
+           "outside_profile_error"]
