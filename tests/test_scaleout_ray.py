@@ -45,7 +45,7 @@ from serving import point_fal_client  # noqa: E402
 
 APP = "fal-ai/stable-diffusion-v1-5"
 ENDPOINTS = {APP: "tiny-sd15"}
-ARGS = {"width": 64, "height": 64, "num_inference_steps": 2, "sync_mode": True, "output_format": "png"}
+ARGS = {"width": 64, "height": 64, "num_inference_steps": 2, "sync_mode": True, "format": "png"}
 
 
 def decode(image_obj: dict) -> Image.Image:
@@ -243,6 +243,12 @@ def _http(cluster):
                         headers={"Authorization": f"Key {API_KEY}"}, timeout=30)
 
 
+def _log_messages(handle) -> list[str]:
+    """The request's log messages so far (none while it is still queued: `Queued` carries no logs)."""
+    status = fal_client.status(APP, handle.request_id, with_logs=True)
+    return [e["message"] for e in (getattr(status, "logs", None) or [])]
+
+
 def _final(handle, timeout: float = 120):
     """The request's last status (Completed), waiting at most `timeout`."""
     deadline = time.monotonic() + timeout
@@ -296,7 +302,7 @@ def test_cancelling_a_running_job_stops_the_replica_at_its_next_step(cluster):
                                      "num_inference_steps": steps})
     deadline = time.monotonic() + 90
     while True:
-        logs = [e["message"] for e in (fal_client.status(APP, handle.request_id, with_logs=True).logs or [])]
+        logs = _log_messages(handle)
         if any(m.startswith("step 3/") for m in logs):
             break
         assert time.monotonic() < deadline, logs
@@ -419,8 +425,7 @@ def test_a_batch_streams_steps_to_each_request_and_a_cancelled_one_drops_out(clu
     long = {**ARGS, "width": 256, "height": 256, "num_inference_steps": 50}
     handles = [fal_client.submit(APP, {"prompt": f"long {i}", "seed": 80 + i, **long}) for i in range(2)]
     deadline = time.monotonic() + 90
-    while not all(any(e["message"].startswith("step 3/") for e in
-                      (fal_client.status(APP, h.request_id, with_logs=True).logs or [])) for h in handles):
+    while not all(any(m.startswith("step 3/") for m in _log_messages(h)) for h in handles):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     handles[0].cancel()
