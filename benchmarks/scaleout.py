@@ -47,7 +47,10 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_level(service: Any, app: str, args: dict[str, Any], concurrency: int, requests: int) -> dict[str, Any]:
+def run_level(service: Any, app: str, args: dict[str, Any], concurrency: int, requests: int,
+              rounds: int) -> dict[str, Any]:
+    """`rounds` timed passes of `requests` at `concurrency` after one warm-up: images/s as the median of the passes
+    with their min-max spread; p50/p90 over every timed request."""
     latencies: list[float] = []
 
     def one(i: int) -> None:
@@ -58,11 +61,16 @@ def run_level(service: Any, app: str, args: dict[str, Any], concurrency: int, re
     with ThreadPoolExecutor(concurrency) as pool:  # warm-up: every replica loads and runs the shape once
         list(pool.map(one, range(max(2, concurrency))))
     latencies.clear()
-    start = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(one, range(requests)))
-    wall = time.perf_counter() - start
-    return {"concurrency": concurrency, "requests": requests, "images_per_s": requests / wall,
+    throughputs: list[float] = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(one, range(requests)))
+        throughputs.append(requests / (time.perf_counter() - start))
+    median = statistics.median(throughputs)
+    return {"concurrency": concurrency, "requests": requests, "rounds": rounds, "images_per_s": median,
+            "images_per_s_min": min(throughputs), "images_per_s_max": max(throughputs),
+            "spread": (max(throughputs) - min(throughputs)) / median,
             "p50_ms": pct(latencies, 50) * 1e3, "p90_ms": pct(latencies, 90) * 1e3,
             "mean_ms": statistics.fmean(latencies) * 1e3}
 
@@ -76,6 +84,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--batch-wait-ms", type=float, default=20.0)
     parser.add_argument("--ray-cpus", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="timed passes per cell (images/s: their median)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaleout"))
     args = parser.parse_args()
 
@@ -105,7 +114,7 @@ def main() -> int:
                             "num_inference_steps": args.steps, "sync_mode": True}
                     for c in levels:
                         row = {"setup": name, "model": model, "replicas": replicas, "batching": batching is not None,
-                               **run_level(service, APP_FOR[model], call, c, max(8, 2 * c))}
+                               **run_level(service, APP_FOR[model], call, c, max(8, 2 * c), args.rounds)}
                         print(json.dumps(row), flush=True)
                         rows.append(row)
     finally:
@@ -116,10 +125,14 @@ def main() -> int:
     Path(args.out + ".json").write_text(json.dumps(out, indent=2) + "\n")
     lines = [f"`{command}`", "", f"CPU: {out['cpu']} ({out['cores']} cores, shared); load average before "
              f"{' '.join(f'{x:.2f}' for x in load_before)}, after {' '.join(f'{x:.2f}' for x in load_after)}; "
-             f"{args.size}x{args.size}, {args.steps} steps, Ray with {args.ray_cpus} CPUs", "",
-             "| model | setup | concurrency | images/s | p50 ms | p90 ms |", "|---|---|---:|---:|---:|---:|"]
+             f"{args.size}x{args.size}, {args.steps} steps, Ray with {args.ray_cpus} CPUs; images/s: median of "
+             f"{args.rounds} timed passes per cell (min-max, spread = (max - min) / median); p50/p90 over every timed "
+             "request of the cell", "",
+             "| model | setup | concurrency | images/s | min-max (spread) | p50 ms | p90 ms |",
+             "|---|---|---:|---:|---|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['setup']} | {r['concurrency']} | {r['images_per_s']:.2f} | "
+                     f"{r['images_per_s_min']:.2f}-{r['images_per_s_max']:.2f} ({r['spread']:.0%}) | "
                      f"{r['p50_ms']:.0f} | {r['p90_ms']:.0f} |")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
