@@ -3,7 +3,8 @@
 The plan comes from `engine.scaleout.parallel.plan_parallel` (family rule × capabilities): CFG-parallel for UNets
 (SD 1.5, SDXL) on two GPUs, applied here as a forward hook pair on the UNet and a copy of it on the second device
 (`engine.scaleout.cfg_parallel`); FLUX context parallel, which needs a torch.distributed group (torchrun), and is
-skipped with that reason otherwise. `parallel_devices` forces the two CFG-parallel devices (tests: ("cpu", "cpu")).
+skipped with that reason otherwise. `parallel_devices` forces the two CFG-parallel devices (tests: ("cpu", "cpu"));
+`parallel` = "context" | "ulysses" | "ring" forces context parallel over the process group's ranks (CPU ranks too).
 
 Runs last: the copy is made of the final UNet (dtype, fused projections, kernels, LoRA slots, regionally compiled
 blocks, which the copy compiles again). What it cannot compose with is a table of reasons, reported as skipped.
@@ -16,7 +17,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..scaleout.parallel import RULES, ParallelPlan, apply_parallel, detect_caps, plan_parallel
+from ..scaleout.parallel import (CONTEXT_REQUESTS, RULES, ParallelPlan, apply_parallel, detect_caps,
+                                 plan_parallel)
 from .context import PassContext
 from .plan import plan_of
 
@@ -71,6 +73,10 @@ def apply_parallel_plan(ctx: PassContext) -> None:
     family, model = ctx.family.name, ctx.denoiser
     forced = ctx.config.parallel_devices
     caps = ctx.state.get("parallel_caps")  # tests put simulated capabilities here
+    if forced is not None and ctx.config.parallel in CONTEXT_REQUESTS:
+        ctx.report.skipped(NAME, f"parallel_devices forces CFG-parallel and parallel={ctx.config.parallel!r} context "
+                           "parallel: choose one")
+        return
     if forced is not None:
         rule = RULES.get(family)
         if rule is None or rule.kind != "cfg":
@@ -89,7 +95,7 @@ def apply_parallel_plan(ctx: PassContext) -> None:
             return
     else:
         caps = caps or detect_caps(_heads(model))
-        plan = plan_parallel(family, caps, uses_cfg=_uses_cfg(model))
+        plan = plan_parallel(family, caps, uses_cfg=_uses_cfg(model), request=ctx.config.parallel)
         if not plan.parallel:
             ctx.report.skipped(NAME, plan.reason)
             return
