@@ -111,3 +111,44 @@ def test_the_cli_under_torchrun_writes_once_from_rank_0(tmp_path, single):
     assert "context_ulysses" in json.dumps(payload["report"])
     image = np.asarray(Image.open(out), dtype=np.int16)[None]
     assert np.abs(image - single[0].astype(np.int16)).max() <= 1
+
+
+def _pass_on_tiny_flux(config: CompileConfig):
+    from engine.compiler import OptimizationReport
+    from engine.compiler.context import PassContext
+    from engine.compiler.parallel import apply_parallel_plan
+    from engine.families import get_family
+    from engine.loading import load_model
+
+    report = OptimizationReport(config_hash="test", device="cpu")
+    ctx = PassContext(components=load_model("tiny-flux").components, family=get_family("flux"),
+                      device=torch.device("cpu"), config=config, report=report, state={})
+    apply_parallel_plan(ctx)
+    return report.status("parallel"), " ".join(report.details("parallel"))
+
+
+def test_the_pass_without_a_process_group_says_how_to_start_one():
+    status, why = _pass_on_tiny_flux(CompileConfig(parallel="ulysses"))
+    assert status == "skipped" and "torchrun --nproc-per-node N" in why
+    status, why = _pass_on_tiny_flux(CompileConfig(parallel="context", parallel_devices=("cpu", "cpu")))
+    assert status == "skipped" and "choose one" in why
+
+
+def test_the_pass_refuses_what_would_make_ranks_disagree():
+    """First-block cache: each rank would decide from its own slice whether to skip blocks (a deadlock); the check
+    runs before the process group is needed, so it is exercised here on simulated CPU ranks."""
+    from engine.compiler import OptimizationReport
+    from engine.compiler.context import PassContext
+    from engine.compiler.parallel import apply_parallel_plan
+    from engine.families import get_family
+    from engine.loading import load_model
+
+    for state, words in (({"cache": "first_block"}, "first-block cache"),
+                         ({"backend": {"transformer": "onnxruntime"}}, "exported onnxruntime graph")):
+        report = OptimizationReport(config_hash="test", device="cpu")
+        ctx = PassContext(components=load_model("tiny-flux").components, family=get_family("flux"),
+                          device=torch.device("cpu"), config=CompileConfig(parallel="ulysses"), report=report,
+                          state={"parallel_caps": CPU_RANKS, **state})
+        apply_parallel_plan(ctx)
+        assert report.status("parallel") == "skipped" and words in report.details("parallel")[0]
+        assert ctx.denoiser._parallel_config is None

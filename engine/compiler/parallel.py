@@ -51,6 +51,17 @@ BLOCKERS: tuple[_Blocker, ...] = (
 )
 
 
+# Why context parallel cannot run on what the earlier passes produced.
+CONTEXT_BLOCKERS: tuple[_Blocker, ...] = (
+    _Blocker(lambda c: c.state.get("cache") == "first_block",
+             lambda c: "the first-block cache decides from each rank's own slice of the sequence whether to skip the "
+                       "remaining blocks: ranks would disagree and wait on each other's all-to-all forever"),
+    _Blocker(lambda c: c.family.denoiser in c.state.get("backend", {}),
+             lambda c: f"the {c.family.denoiser} runs as an exported {c.state['backend'][c.family.denoiser]} graph, "
+                       "which the context-parallel hooks never reach"),
+)
+
+
 def _uses_cfg(model: Any) -> bool:
     """Guidance-distilled (LCM) UNets take the scale as `timestep_cond` and never run a negative branch."""
     return getattr(getattr(model, "config", None), "time_cond_proj_dim", None) is None
@@ -100,6 +111,10 @@ def apply_parallel_plan(ctx: PassContext) -> None:
             ctx.report.skipped(NAME, plan.reason)
             return
         if plan.kind != "cfg":  # FLUX context parallel: diffusers' enable_parallelism over a process group
+            blocker = next((b for b in CONTEXT_BLOCKERS if b.applies(ctx)), None)
+            if blocker is not None:
+                ctx.report.skipped(NAME, f"{plan.kind}: {blocker.reason(ctx)} ({plan.reason})")
+                return
             applied, reason = apply_parallel(model, plan, caps)
             (ctx.report.applied if applied else ctx.report.skipped)(NAME, f"{plan.kind}: {reason}")
             return

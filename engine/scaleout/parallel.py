@@ -167,6 +167,7 @@ def apply_parallel(transformer: Any, plan: ParallelPlan, caps: ParallelCaps) -> 
             else:
                 transformer.enable_parallelism(config=config)
         except (ValueError, RuntimeError) as e:  # e.g. an attention backend without context parallel support
+            transformer._parallel_config = None  # resolved before diffusers checked the backend
             return False, f"diffusers refused it: {str(e).splitlines()[0]}"
         return True, plan.reason
     if plan.kind == "cfg":
