@@ -1,6 +1,6 @@
 """One rank of tests/test_context_parallel.py, started by torchrun: tiny-flux with `parallel` forced to a context kind
 over the gloo group. Rank 0 writes to argv[2]: the image (image.npy), the transformer's output on `transformer_inputs`
-(transformer.npy) and the parallel pass's report (report.json)."""
+(transformer.npy), the image of a ControlNet request (controlnet.npy) and the parallel pass's report (report.json)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,13 @@ import numpy as np
 import torch
 
 KW = dict(prompt="a lighthouse at dusk", width=64, height=64, num_inference_steps=2, seed=7)
+
+
+def controlnet_request() -> dict:
+    from PIL import Image
+
+    pixels = (np.arange(64 * 64 * 3).reshape(64, 64, 3) * 37 % 251).astype(np.uint8)
+    return dict(KW, controlnets=[{"model": "tiny-controlnet-flux", "image": Image.fromarray(pixels)}])
 
 
 def transformer_inputs() -> dict:
@@ -34,12 +41,14 @@ def main(mode: str, out: Path, opt_level: str) -> None:
     engine = Engine(device=rank.device, opt_level=opt_level, compile_config={"parallel": mode, **extra})
     loaded = engine.load("tiny-flux")
     result = engine.generate(model="tiny-flux", **KW)
+    controlled = engine.generate(model="tiny-flux", **controlnet_request())
     with torch.no_grad():
         direct = loaded.components["transformer"](**transformer_inputs())[0]
     report = engine.optimization_report("tiny-flux")
     if rank.writes_output:
         np.save(out / "image.npy", np.stack([np.asarray(i) for i in result.images]))
         np.save(out / "transformer.npy", direct.float().numpy())
+        np.save(out / "controlnet.npy", np.stack([np.asarray(i) for i in controlled.images]))
         (out / "report.json").write_text(json.dumps({"status": report.status("parallel"),
                                                      "details": report.details("parallel"),
                                                      "world_size": rank.world_size}))

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from context_parallel_worker import KW, transformer_inputs
+from context_parallel_worker import KW, controlnet_request, transformer_inputs
 from engine import Engine
 from engine.compiler import CompileConfig
 from engine.loading.tiny import ensure_tiny_model
@@ -82,20 +82,24 @@ def single():
     image = np.stack([np.asarray(i) for i in engine.generate(model="tiny-flux", **KW).images])
     with torch.no_grad():
         direct = loaded.components["transformer"](**transformer_inputs())[0].numpy()
-    return image, direct
+    controlled = np.stack([np.asarray(i) for i in engine.generate(model="tiny-flux", **controlnet_request()).images])
+    return image, direct, controlled
 
 
 def test_two_cpu_ranks_at_o1_reproduce_the_single_process_image(tmp_path, single):
-    """O1 in fp32 (fused QKV, channels-last VAE) composes with the all-to-all: the O0 single-process image."""
+    """O1 in fp32 (fused QKV, channels-last VAE) composes with the all-to-all: the O0 single-process image; so does a
+    ControlNet request (its residuals are split like the image tokens)."""
     ensure_tiny_model("flux")  # built once here, not raced by the two ranks
     report = _run_ranks(WORKER, ["ulysses", str(tmp_path), "O1"])
     assert report["status"] == "applied" and report["world_size"] == 2, report
     assert "context_ulysses" in report["details"][0]
     image, direct = np.load(tmp_path / "image.npy"), np.load(tmp_path / "transformer.npy")
-    ref_image, ref_direct = single
+    ref_image, ref_direct, ref_controlled = single
     assert np.abs(direct - ref_direct).max() < 1e-5  # measured 4.8e-7 (reduction order)
-    assert image.shape == ref_image.shape
-    assert np.abs(image.astype(np.int16) - ref_image.astype(np.int16)).max() <= 1  # measured 1 level
+    for got, ref in ((image, ref_image), (np.load(tmp_path / "controlnet.npy"), ref_controlled)):
+        assert got.shape == ref.shape
+        assert np.abs(got.astype(np.int16) - ref.astype(np.int16)).max() <= 1  # measured 1 level
+    assert np.abs(ref_controlled.astype(np.int16) - ref_image.astype(np.int16)).max() > 8  # the ControlNet acts
 
 
 def test_the_cli_under_torchrun_writes_once_from_rank_0(tmp_path, single):

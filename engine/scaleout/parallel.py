@@ -166,6 +166,7 @@ def apply_parallel(transformer: Any, plan: ParallelPlan, caps: ParallelCaps) -> 
                 _enable_parallelism_on_cpu(transformer, config)
             else:
                 transformer.enable_parallelism(config=config)
+            transformer.register_forward_pre_hook(_controlnet_sharder(transformer), with_kwargs=True)
         except (ValueError, RuntimeError) as e:  # e.g. an attention backend without context parallel support
             transformer._parallel_config = None  # resolved before diffusers checked the backend
             return False, f"diffusers refused it: {str(e).splitlines()[0]}"
@@ -229,3 +230,25 @@ def join_process_group(device: str = "auto") -> RankInfo:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return RankInfo(dist.get_rank(), dist.get_world_size(), f"cuda:{local}" if cuda else "cpu")
+
+
+# Residuals a FLUX ControlNet adds to the image tokens after each (double / single) block: lists whose length depends on
+# the ControlNet, which diffusers' `_cp_plan` (fixed-length lists) cannot name.
+CONTROLNET_SAMPLES = ("controlnet_block_samples", "controlnet_single_block_samples")
+
+
+def _controlnet_sharder(transformer: Any) -> Any:
+    """A forward pre-hook giving each rank its slice of the ControlNet residuals, cut as diffusers cuts the image
+    tokens they are added to (`EquipartitionSharder` over the flattened context mesh, dim 1); without it a ControlNet request
+    fails on a shape mismatch (32 vs 64 tokens)."""
+    from diffusers.hooks.context_parallel import EquipartitionSharder
+
+    def shard(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        mesh = transformer._parallel_config.context_parallel_config._flattened_mesh
+        for name in CONTROLNET_SAMPLES:
+            samples = kwargs.get(name)
+            if samples:
+                kwargs[name] = [None if s is None else EquipartitionSharder.shard(s, 1, mesh) for s in samples]
+        return args, kwargs
+
+    return shard
