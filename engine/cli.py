@@ -119,9 +119,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     rank = join_process_group(args.device)  # under torchrun: every rank runs the request, rank 0 writes it
     try:
-        return _generate(args, Engine(device=rank.device, opt_level=args.opt_level, compile_config=overrides,
-                                      allow_pickle=args.allow_pickle, **engine_memory_kwargs(args)),
-                         progress and rank.writes_output, rank.writes_output)
+        engine = Engine(device=rank.device, opt_level=args.opt_level, compile_config=overrides,
+                        allow_pickle=args.allow_pickle, **engine_memory_kwargs(args))
+        with rank.rank_zero_first():
+            load_time = _load(args, engine, progress and rank.writes_output)
+        return _generate(args, engine, load_time, progress and rank.writes_output, rank.writes_output)
     finally:
         if rank.world_size > 1:
             import torch.distributed
@@ -129,13 +131,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
             torch.distributed.destroy_process_group()
 
 
-def _generate(args: argparse.Namespace, engine: Any, progress: bool, writes: bool) -> int:
-    from .progress import StepBar, activity
+def _load(args: argparse.Namespace, engine: Any, progress: bool) -> float:
+    from .progress import activity
 
     start = time.perf_counter()
     with activity(f"loading {args.model}", enabled=progress):
         engine.load(args.model, config=args.config)
-    load_time = time.perf_counter() - start
+    return time.perf_counter() - start
+
+
+def _generate(args: argparse.Namespace, engine: Any, load_time: float, progress: bool, writes: bool) -> int:
+    from .progress import StepBar
+
     if args.verbose and writes:
         _say(args, engine.optimization_report(args.model))
     fields = {

@@ -34,12 +34,15 @@ def transformer_inputs() -> dict:
 def main(mode: str, out: Path, opt_level: str) -> None:
     torch.set_num_threads(1)  # two ranks on a shared CPU
     from engine import Engine
+    from engine.loading.tiny import ensure_tiny_model
     from engine.scaleout.parallel import join_process_group
 
     rank = join_process_group("cpu")
     extra = {"dtype": "fp32"} if opt_level != "O0" else {}
     engine = Engine(device=rank.device, opt_level=opt_level, compile_config={"parallel": mode, **extra})
-    loaded = engine.load("tiny-flux")
+    with rank.rank_zero_first():
+        loaded = engine.load("tiny-flux")
+        ensure_tiny_model("controlnet-flux")
     result = engine.generate(model="tiny-flux", **KW)
     controlled = engine.generate(model="tiny-flux", **controlnet_request())
     with torch.no_grad():

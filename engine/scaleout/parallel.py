@@ -21,8 +21,9 @@ and every backend that does return it is a CUDA kernel (`_native_flash`: aten `_
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 ContextRequest = Literal["context", "ulysses", "ring"]
 CONTEXT_REQUESTS: tuple[str, ...] = ("context", "ulysses", "ring")
@@ -210,6 +211,21 @@ class RankInfo:
     def writes_output(self) -> bool:
         """Every rank computes the same image under context parallelism; only rank 0 saves or returns it."""
         return self.rank == 0
+
+    @contextmanager
+    def rank_zero_first(self) -> Iterator[None]:
+        """Rank 0 runs the block (loading: building a tiny model, filling the cache) before the others. Needed, not
+        polite: under an initialised group transformers' `save_pretrained` writes weights on rank 0 only
+        (`should_save_on_this_rank`), so a tiny model built by another rank would be cached without weights."""
+        import torch.distributed as dist
+
+        if self.world_size > 1 and self.rank != 0:
+            dist.barrier()
+        try:
+            yield
+        finally:
+            if self.world_size > 1 and self.rank == 0:
+                dist.barrier()
 
 
 def join_process_group(device: str = "auto") -> RankInfo:
