@@ -17,16 +17,17 @@ group, also on CPU processes (gloo): that is how it is tested without GPUs (test
 only Ulysses runs (`CONTEXT_KINDS`): ring attention merges partial results by their log-sum-exp, which diffusers'
 native SDPA backend does not return (`attention_dispatch._native_attention_forward_op` raises on `return_lse=True`)
 and every backend that does return it is a CUDA kernel (`_native_flash`: aten `_scaled_dot_product_flash_attention`,
-`_native_cudnn`, `flash`, `sage`)."""
+`_native_cudnn`, `flash`, `sage`). diffusers' Flux cp plan splits the image and text tokens; the ControlNet residuals
+(lists of any length) are split by a pre-hook of ours (`CONTROLNET_SAMPLES`)."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, Literal, get_args
 
-ContextRequest = Literal["context", "ulysses", "ring"]
-CONTEXT_REQUESTS: tuple[str, ...] = ("context", "ulysses", "ring")
+ContextRequest = Literal["context", "ulysses", "ring"]  # values of CompileConfig.parallel that force context parallel
+CONTEXT_REQUESTS: tuple[str, ...] = get_args(ContextRequest)
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class ParallelCaps:
     device_count: int
     nvlink: bool = False
     attention_heads: int | None = None  # of the model's transformer (Ulysses splits heads)
-    distributed_ready: bool = False  # a torch.distributed group of `device_count` ranks exists
+    distributed_ready: bool = False  # a torch.distributed group is initialised (torchrun)
     world_size: int = 1  # ranks of the initialised torch.distributed group (1: none)
 
 
