@@ -26,7 +26,8 @@ def transformer_inputs() -> dict:
     g = torch.Generator().manual_seed(1)
     img_ids = torch.zeros(64, 3)
     img_ids[:, 1], img_ids[:, 2] = torch.arange(64) // 8, torch.arange(64) % 8
-    return dict(hidden_states=torch.randn(1, 64, 16, generator=g), encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
+    return dict(hidden_states=torch.randn(1, 64, 16, generator=g),
+                encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
                 pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]), img_ids=img_ids,
                 txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]), return_dict=False)
 

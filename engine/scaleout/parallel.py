@@ -256,8 +256,8 @@ CONTROLNET_SAMPLES = ("controlnet_block_samples", "controlnet_single_block_sampl
 
 def _controlnet_sharder(transformer: Any) -> Any:
     """A forward pre-hook giving each rank its slice of the ControlNet residuals, cut as diffusers cuts the image
-    tokens they are added to (`EquipartitionSharder` over the flattened context mesh, dim 1); without it a ControlNet request
-    fails on a shape mismatch (32 vs 64 tokens)."""
+    tokens they are added to (`EquipartitionSharder` over the flattened context mesh, dim 1); without it a ControlNet
+    request fails on a shape mismatch (each rank's half of the tokens plus the whole residual)."""
     from diffusers.hooks.context_parallel import EquipartitionSharder
 
     def shard(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
