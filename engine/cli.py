@@ -110,20 +110,40 @@ def _print_json(payload: dict[str, Any]) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .api import Engine
-    from .progress import StepBar, activity
 
     progress = _show_progress(args)
     _quiet_libraries(args.quiet, progress)
-    overrides = {"backend": args.backend} if args.backend else None
+    overrides = {k: v for k, v in (("backend", args.backend), ("parallel", args.parallel)) if v} or None
     from .runtime.planner import engine_memory_kwargs
+    from .scaleout.parallel import join_process_group
 
-    engine = Engine(device=args.device, opt_level=args.opt_level, compile_config=overrides,
-                    allow_pickle=args.allow_pickle, **engine_memory_kwargs(args))
+    rank = join_process_group(args.device)  # under torchrun: every rank runs the request, rank 0 writes it
+    try:
+        engine = Engine(device=rank.device, opt_level=args.opt_level, compile_config=overrides,
+                        allow_pickle=args.allow_pickle, **engine_memory_kwargs(args))
+        with rank.rank_zero_first():
+            load_time = _load(args, engine, progress and rank.writes_output)
+        return _generate(args, engine, load_time, progress and rank.writes_output, rank.writes_output)
+    finally:
+        if rank.world_size > 1:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+
+
+def _load(args: argparse.Namespace, engine: Any, progress: bool) -> float:
+    from .progress import activity
+
     start = time.perf_counter()
     with activity(f"loading {args.model}", enabled=progress):
         engine.load(args.model, config=args.config)
-    load_time = time.perf_counter() - start
-    if args.verbose:
+    return time.perf_counter() - start
+
+
+def _generate(args: argparse.Namespace, engine: Any, load_time: float, progress: bool, writes: bool) -> int:
+    from .progress import StepBar
+
+    if args.verbose and writes:
         _say(args, engine.optimization_report(args.model))
     fields = {
         "model": args.model, "prompt": args.prompt, "negative_prompt": args.negative_prompt, "width": args.width,
@@ -133,6 +153,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     }
     with StepBar(enabled=progress) as steps:
         result = engine.generate(**{k: v for k, v in fields.items() if v is not None}, step_callback=steps)
+    if not writes:
+        return 0
     paths = _output_paths(args.out, len(result.images))
     for image, path in zip(result.images, paths):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -282,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"],
                      help="runtime of the denoiser and VAE decoder (exported to ONNX for onnxruntime / TensorRT; "
                           "falls back to the next-best with the reason in --verbose)")
+    gen.add_argument("--parallel", choices=["auto", "off", "context", "ulysses", "ring"],
+                     help="several devices for one request (default auto); context/ulysses/ring: FLUX context "
+                          "parallel over the ranks of `torchrun --nproc-per-node N -m engine.cli generate ...` "
+                          "(rank 0 writes the output)")
     gen.add_argument("--verbose", action="store_true", help="print the optimization report")
     gen.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints (.ckpt/.bin)")
     from .runtime.planner import add_memory_arguments

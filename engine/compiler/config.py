@@ -64,8 +64,9 @@ class CompileConfig(BaseModel):
     # Several devices for one request (compiler pass `parallel`): "auto" picks from what this process sees (CFG-parallel
     # for UNets on 2 GPUs, FLUX context parallel under torchrun); "off" keeps one device. `parallel_devices` forces
     # CFG-parallel onto these two devices (the first is the engine's), e.g. ("cuda:0", "cuda:2"), or ("cpu", "cpu")
-    # to exercise the split and the worker thread without GPUs.
-    parallel: Literal["auto", "off"] = "auto"
+    # to exercise the split and the worker thread without GPUs. "context" | "ulysses" | "ring" force FLUX context
+    # parallelism over every rank of the torch.distributed group (torchrun), also on CPU ranks (gloo: Ulysses only).
+    parallel: Literal["auto", "off", "context", "ulysses", "ring"] = "auto"
     parallel_devices: tuple[str, str] | None = None
 
     @field_validator("parallel_devices")

@@ -3,7 +3,8 @@
 The plan comes from `engine.scaleout.parallel.plan_parallel` (family rule × capabilities): CFG-parallel for UNets
 (SD 1.5, SDXL) on two GPUs, applied here as a forward hook pair on the UNet and a copy of it on the second device
 (`engine.scaleout.cfg_parallel`); FLUX context parallel, which needs a torch.distributed group (torchrun), and is
-skipped with that reason otherwise. `parallel_devices` forces the two CFG-parallel devices (tests: ("cpu", "cpu")).
+skipped with that reason otherwise. `parallel_devices` forces the two CFG-parallel devices (tests: ("cpu", "cpu"));
+`parallel` = "context" | "ulysses" | "ring" forces context parallel over the process group's ranks (CPU ranks too).
 
 Runs last: the copy is made of the final UNet (dtype, fused projections, kernels, LoRA slots, regionally compiled
 blocks, which the copy compiles again). What it cannot compose with is a table of reasons, reported as skipped.
@@ -16,7 +17,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..scaleout.parallel import RULES, ParallelPlan, apply_parallel, detect_caps, plan_parallel
+from ..scaleout.parallel import (CONTEXT_REQUESTS, RULES, ParallelPlan, apply_parallel, detect_caps,
+                                 plan_parallel)
 from .context import PassContext
 from .plan import plan_of
 
@@ -49,6 +51,17 @@ BLOCKERS: tuple[_Blocker, ...] = (
 )
 
 
+# Why context parallel cannot run on what the earlier passes produced.
+CONTEXT_BLOCKERS: tuple[_Blocker, ...] = (
+    _Blocker(lambda c: c.state.get("cache") == "first_block",
+             lambda c: "the first-block cache decides from each rank's own slice of the sequence whether to skip the "
+                       "remaining blocks: ranks would disagree and wait on each other's all-to-all forever"),
+    _Blocker(lambda c: c.family.denoiser in c.state.get("backend", {}),
+             lambda c: f"the {c.family.denoiser} runs as an exported {c.state['backend'][c.family.denoiser]} graph, "
+                       "which the context-parallel hooks never reach"),
+)
+
+
 def _uses_cfg(model: Any) -> bool:
     """Guidance-distilled (LCM) UNets take the scale as `timestep_cond` and never run a negative branch."""
     return getattr(getattr(model, "config", None), "time_cond_proj_dim", None) is None
@@ -71,6 +84,10 @@ def apply_parallel_plan(ctx: PassContext) -> None:
     family, model = ctx.family.name, ctx.denoiser
     forced = ctx.config.parallel_devices
     caps = ctx.state.get("parallel_caps")  # tests put simulated capabilities here
+    if forced is not None and ctx.config.parallel in CONTEXT_REQUESTS:
+        ctx.report.skipped(NAME, f"parallel_devices forces CFG-parallel and parallel={ctx.config.parallel!r} context "
+                           "parallel: choose one")
+        return
     if forced is not None:
         rule = RULES.get(family)
         if rule is None or rule.kind != "cfg":
@@ -89,11 +106,15 @@ def apply_parallel_plan(ctx: PassContext) -> None:
             return
     else:
         caps = caps or detect_caps(_heads(model))
-        plan = plan_parallel(family, caps, uses_cfg=_uses_cfg(model))
+        plan = plan_parallel(family, caps, uses_cfg=_uses_cfg(model), request=ctx.config.parallel)
         if not plan.parallel:
             ctx.report.skipped(NAME, plan.reason)
             return
         if plan.kind != "cfg":  # FLUX context parallel: diffusers' enable_parallelism over a process group
+            blocker = next((b for b in CONTEXT_BLOCKERS if b.applies(ctx)), None)
+            if blocker is not None:
+                ctx.report.skipped(NAME, f"{plan.kind}: {blocker.reason(ctx)} ({plan.reason})")
+                return
             applied, reason = apply_parallel(model, plan, caps)
             (ctx.report.applied if applied else ctx.report.skipped)(NAME, f"{plan.kind}: {reason}")
             return
