@@ -28,7 +28,7 @@ from .classes import resolve_class
 from .stock import build_stock_pipeline
 from .tokenizers import TOKENIZER_BUILDERS
 
-BUILDER_VERSION = "2"  # bump when a builder changes what it writes
+BUILDER_VERSION = "3"  # bump when a builder changes what it writes
 
 
 def tiny_config_path(name: str) -> Path:
@@ -63,6 +63,18 @@ def _read(name: str) -> tuple[dict[str, Any], str, str]:
     cfg, text = _read_config(name)
     corpus = (configs_dir() / "tiny" / "corpus.txt").read_text(encoding="utf-8")
     return cfg, text, corpus
+
+
+def tokenizer_specs(names: list[str] | None = None) -> list[tuple[str, str, int]]:
+    """(kind, corpus, vocab size) of every tokenizer the tiny configs `names` (default: all) build."""
+    folder = configs_dir() / "tiny"
+    names = names or sorted(p.stem for p in folder.glob("*.yaml"))
+    specs = set()
+    for name in names:
+        cfg, _, corpus = _read(name)
+        for tok in cfg.get("tokenizers", {}).values():
+            specs.add((tok["kind"], corpus, int(tok["vocab_size"])))
+    return sorted(specs)
 
 
 def tiny_kind(name: str) -> str:
