@@ -53,12 +53,20 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait(5)
 
 
-def point_fal_client(mp: pytest.MonkeyPatch, host: str) -> None:
-    """Aim the official Python client at `host` ("127.0.0.1:PORT", TLS) as `FAL_RUN_HOST=host` and
-    `FAL_QUEUE_RUN_HOST=host/queue` would, set before its import. fal_client reads those once, when first imported,
+def point_fal_client(mp: pytest.MonkeyPatch, host: str, key: str) -> None:
+    """Aim the official Python client at `host` ("127.0.0.1:PORT", TLS) with `key`, as `FAL_RUN_HOST=host`,
+    `FAL_QUEUE_RUN_HOST=host/queue` and `FAL_KEY=key` would. fal_client reads the hosts once, when first imported,
     so in a full run (another module imported it first) the module's URL constants are patched instead; REST and CDN
-    (storage) have no variable and point here too."""
+    (storage) have no variable and point here too. The key is read per call, but every such module sets it at import
+    (collection imports them all before any test runs), so it is set again here for this module's tests. The
+    module-level clients (`fal_client.run`, `submit`, ...) cache their key and their HTTP client (with the TLS CA
+    it was made under) on first use: both are dropped for this module, so they are made again here."""
     import fal_client
+
+    mp.setenv("FAL_KEY", key)
+    for client in (fal_client.sync_client, fal_client.async_client):
+        for cached in ("_auth", "_client", "_token_manager"):
+            mp.delitem(vars(client), cached, raising=False)
 
     for name, value in (("RUN_URL_FORMAT", f"https://{host}/"), ("QUEUE_URL_FORMAT", f"https://{host}/queue/"),
                         ("REALTIME_URL_FORMAT", f"wss://{host}/"), ("REST_URL", f"https://{host}"),

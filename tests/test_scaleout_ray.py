@@ -91,7 +91,7 @@ def cluster(tmp_path_factory):
             time.sleep(0.05)
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("SSL_CERT_FILE", str(ca_file))
-            point_fal_client(mp, f"127.0.0.1:{PORT}")  # also when another module imported fal_client first
+            point_fal_client(mp, f"127.0.0.1:{PORT}", API_KEY)  # also when another module imported fal_client first
             yield Cluster(remote, app, ca_file)
     finally:
         if server is not None:

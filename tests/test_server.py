@@ -109,7 +109,7 @@ def server(tmp_path_factory):
                     pytest.fail(f"server did not answer within 180 s:\n{log.read_text()[-4000:]}")
                 time.sleep(0.25)
             mp.setenv("SSL_CERT_FILE", str(ca_file))  # the fal client's httpx reads it when it is first used
-            point_fal_client(mp, f"127.0.0.1:{PORT}")  # also when another module imported fal_client first
+            point_fal_client(mp, f"127.0.0.1:{PORT}", API_KEY)  # also when another module imported fal_client first
             yield srv
         finally:
             proc.terminate()
