@@ -205,9 +205,14 @@ class RemoteEngine:
             self.outcomes[replica or "unassigned"][outcome] += 1
 
     def _report(self, final: dict[str, Any]) -> None:
+        """Keep a replica's newest counters: jobs' threads here may hand in two answers of one replica out of order,
+        and an older snapshot must not roll its totals back (a Prometheus counter only grows)."""
         if "counters" in final and "replica" in final:
+            counters = final["counters"]
             with self._lock:
-                self.reported[final["replica"]] = final["counters"]
+                old = self.reported.get(final["replica"])
+                if old is None or _progress(counters) >= _progress(old):
+                    self.reported[final["replica"]] = counters
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -237,3 +242,8 @@ def _mapped(error: BaseException, rex: Any) -> BaseException:
         if isinstance(cause, EngineError):
             return cause
     return error
+
+
+def _progress(counters: dict[str, Any]) -> tuple[int, int]:
+    """How far a replica's counter snapshot is: every one of its totals only grows."""
+    return int(counters.get("calls", 0)), int(counters.get("steps", 0))
