@@ -383,8 +383,10 @@ class Engine:
         return True
 
     def loaded_models(self) -> list[str]:
-        with self._load_lock:
-            return list(self._slots) + list(self._upscalers)
+        """The models loaded now. Lock-free: a load holds `_load_lock` for the whole build, and callers (a replica's
+        answer counters, Serve's health check, /ui) must not wait for it; a slot enters the dicts only once built,
+        and copying a dict's keys runs under the GIL without Python code in between, so the snapshot is consistent."""
+        return [*tuple(self._slots), *tuple(self._upscalers)]
 
     @staticmethod
     def models() -> list[dict[str, Any]]:

@@ -245,3 +245,30 @@ def test_each_request_of_a_batch_gets_the_batch_steps_and_one_cancelled_does_not
 
     stopped = generate_batch(engine, requests, [stop_all] * 3)
     assert all(isinstance(r, JobCancelledError) for r in stopped) and calls[0] == 3  # stopped after step 1
+
+
+def test_loaded_models_answers_while_another_model_loads(engine):
+    """A replica's answer counters and Serve's health check ask `loaded_models()`; a load holds the load lock for
+    the whole build, and they must not wait for it."""
+    import threading
+
+    engine.load("tiny-sd15")
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with engine._load_lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(5)
+        answer: list = []
+        asker = threading.Thread(target=lambda: answer.append(engine.loaded_models()), daemon=True)
+        asker.start()
+        asker.join(1.0)
+        assert answer and "tiny-sd15" in answer[0]
+    finally:
+        release.set()
+        holder.join()

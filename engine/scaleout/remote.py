@@ -115,9 +115,11 @@ class RemoteEngine:
 
     def loaded_models(self) -> list[str]:
         """Models loaded on the replicas: one replica asked now (bounded wait), and each as it last reported."""
+        response = self.handle.stats.remote()
         try:
-            now = set(self.handle.stats.remote().result(timeout_s=ASK_TIMEOUT_S).get("loaded", ()))
+            now = set(response.result(timeout_s=ASK_TIMEOUT_S).get("loaded", ()))
         except Exception:  # noqa: BLE001 - busy or replaced replicas: what they reported last still counts
+            response.cancel()  # a call left waiting would hold a replica slot (and pile up under polling)
             now = set()
         with self._lock:
             reported = {m for counters in self.reported.values() for m in counters.get("loaded", ())}
