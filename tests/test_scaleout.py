@@ -272,3 +272,87 @@ def test_loaded_models_answers_while_another_model_loads(engine):
     finally:
         release.set()
         holder.join()
+
+
+# -- a replica's cancel paths, on a fake engine (no Ray cluster: the worker's methods only) ------------------------
+class _StepEngine:
+    """Runs `steps` steps, calling the step callback each (which raises once the request is cancelled)."""
+
+    def __init__(self, steps: int = 200):
+        import threading
+
+        self.steps = steps
+        self.calls = []
+        self.started = threading.Event()
+
+    def generate(self, request, step_callback=None):
+        self.calls.append(request.prompt)
+        self.started.set()
+        for i in range(self.steps):
+            time.sleep(0.005)
+            step_callback(i, self.steps, None)
+        return f"image for {request.prompt}"
+
+    def loaded_models(self):
+        return []
+
+    def close(self):
+        pass
+
+
+def _worker(engine, batching=None):
+    from engine.scaleout.worker import EngineWorker
+
+    worker = EngineWorker.__new__(EngineWorker)
+    worker.engine, worker.replica, worker.pid = engine, "r0", 0
+    worker.calls = worker.model_calls = worker.done = worker.failed = worker.cancelled = worker.steps = 0
+    worker.stopped, worker.adapter_sets = [], []
+    worker._batcher = KeyedBatcher(worker._run_batch, batching) if batching is not None else None
+    worker._route_in = lambda: asyncio.sleep(0, result="")
+    return worker
+
+
+def test_a_cancelled_replica_request_stops_records_it_truthfully_and_leaves_no_lost_exception():
+    engine = _StepEngine()
+    worker = _worker(engine)
+    lost = []
+
+    async def main():
+        asyncio.get_running_loop().set_exception_handler(lambda _, context: lost.append(context))
+        stream = worker.generate_stream(GenerateRequest(**BASE))
+        assert "started" in await stream.__anext__()
+        assert "step" in await stream.__anext__()
+        await stream.aclose()  # what Serve does when the caller cancels
+        import gc
+
+        gc.collect()
+        await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+    assert worker.cancelled == 1 and worker.done == 0
+    record = worker.stopped[-1]
+    assert record["stopped"] is True and 1 <= record["step"] < engine.steps
+    assert not [c for c in lost if "never retrieved" in c.get("message", "")], lost
+
+
+def test_a_request_cancelled_before_it_runs_does_no_engine_work_batched_or_not():
+    from engine.errors import JobCancelledError
+    from engine.scaleout.worker import _Listener
+
+    engine = _StepEngine(steps=2)
+    worker = _worker(engine)
+    loop = asyncio.new_event_loop()
+    try:
+        stopped, live = _Listener(loop, False, lambda: None), _Listener(loop, False, lambda: None)
+        stopped.stop.set()
+        with pytest.raises(JobCancelledError):
+            worker._generate(GenerateRequest(**BASE), stopped)
+        assert engine.calls == [] and worker.model_calls == 0
+        out = worker._run_batch([(GenerateRequest(**{**BASE, "prompt": "gone"}), None, stopped),
+                                 (GenerateRequest(**{**BASE, "prompt": "kept"}), None, live)])
+        assert isinstance(out[0], JobCancelledError) and out[1] == "image for kept"
+        assert engine.calls == ["kept"] and worker.model_calls == 1
+        assert worker._run_batch([(GenerateRequest(**BASE), None, stopped)])[0].__class__ is JobCancelledError
+        assert engine.calls == ["kept"] and worker.model_calls == 1
+    finally:
+        loop.close()

@@ -41,10 +41,13 @@ class _Listener:
         self.stop = threading.Event()
         self.reached = 0  # steps run for this request
         self.total = 0
+        self.record: dict[str, Any] | None = None  # its entry in the replica's `stopped` list, once cancelled
 
     def on_step(self, i: int, n: int, latents: Any) -> None:
         """The engine's step callback (engine thread)."""
         if self.stop.is_set():
+            if self.record is not None:
+                self.record["stopped"] = True  # the engine (or its batch) dropped this request here
             raise JobCancelledError("request cancelled")
         self.reached, self.total = i + 1, n
         self.on_count()
@@ -121,9 +124,9 @@ class EngineWorker:
             work = asyncio.ensure_future(
                 self._batcher.submit((batch_key(request), caller), (request, caller, listener)))
         else:
-            self.model_calls += 1
-            work = asyncio.ensure_future(asyncio.to_thread(self._as(caller, self.engine.generate), request,
-                                                           step_callback=listener.on_step))
+            work = asyncio.ensure_future(asyncio.to_thread(self._as(caller, self._generate), request, listener))
+        # a cancelled request's outcome is not awaited by anyone: retrieve it so asyncio does not log it as lost
+        work.add_done_callback(lambda f: f.cancelled() or f.exception())
         ended = False
         try:
             async for step in listener.follow(work):
@@ -145,15 +148,18 @@ class EngineWorker:
                    "counters": await self._counters()}
         finally:
             if not ended:  # cancelled by the caller (or the caller went away): stop at the next step
+                # "stopped": True once the engine has let go of the request (it may finish later than this)
+                listener.record = record = {"step": listener.reached, "num_steps": listener.total, "stopped": False}
                 listener.stop.set()
                 self.cancelled += 1
-                if self._batcher is not None:
-                    work.cancel()  # the batch goes on for the others; this request's result is dropped
-                else:
-                    await asyncio.wait([work], timeout=STOP_WAIT_S)  # the engine thread stops at its next step
-                self.stopped.append({"step": listener.reached, "num_steps": listener.total,
-                                     "stopped": work.done()})
+                self.stopped.append(record)
                 del self.stopped[:-KEEP_STOPPED]
+                if self._batcher is not None:
+                    work.cancel()  # the batch goes on for the others; this request drops out at its next step
+                else:
+                    work.add_done_callback(lambda _: record.update(stopped=True))
+                    await asyncio.wait([work], timeout=STOP_WAIT_S)  # the engine thread stops at its next step
+                record["step"], record["num_steps"] = listener.reached, listener.total
 
     def _count_step(self) -> None:
         self.steps += 1
@@ -171,13 +177,29 @@ class EngineWorker:
                 "batches": len(self._batcher.batches) if self._batcher else 0, "stopped": list(self.stopped),
                 "loaded": self.engine.loaded_models()}
 
+    def _generate(self, request: GenerateRequest, listener: "_Listener") -> Any:
+        """One unbatched request (engine thread): a request cancelled while it waited for a thread does no engine
+        work (no model load, no LoRA fusing)."""
+        if listener.stop.is_set():
+            raise JobCancelledError("request cancelled before it started")
+        self.model_calls += 1
+        return self.engine.generate(request, step_callback=listener.on_step)
+
     def _run_batch(self, items: list[tuple[GenerateRequest, CallerPolicy, "_Listener"]]) -> list[Any]:
+        """A batch (engine thread): requests cancelled while they waited are left out of it (their result slot is
+        the cancel error, which nobody awaits)."""
         from .batched import generate_batch
 
+        live = [i for i, (_, _, listener) in enumerate(items) if not listener.stop.is_set()]
+        results: list[Any] = [JobCancelledError("request cancelled before it started")] * len(items)
+        if not live:
+            return results
         self.model_calls += 1
         with as_caller(items[0][1]):  # one policy per batch (it is part of the batch key)
-            return generate_batch(self.engine, [request for request, _, _ in items],
-                                  [listener.on_step for _, _, listener in items])
+            outs = generate_batch(self.engine, [items[i][0] for i in live], [items[i][2].on_step for i in live])
+        for i, out in zip(live, outs):
+            results[i] = out
+        return results
 
     @staticmethod
     def _as(caller: CallerPolicy, fn: Any) -> Any:
