@@ -345,13 +345,18 @@ class Engine:
                 with self._lora_change(slot):
                     slot.loras.unload()
 
-    def optimization_report(self, model: str) -> OptimizationReport:
-        """What the compiler applied to `model` and what it skipped, with reasons (loads the model if needed)."""
+    def optimization_report(self, model: str, *, load: bool = True) -> OptimizationReport | None:
+        """What the compiler applied to `model` and what it skipped, with reasons. Loads the model if needed; with
+        `load=False` only a loaded model is reported (None otherwise): a look that must not load or evict anything."""
         spec = find_spec(model)
         if spec is not None and spec.family_spec.task == "upscale":
-            return self._upscaler(model).report
-        slot = self._slot(model)
-        slot.report.compile_stats = self.compile_stats(model)
+            upscaler = self._upscaler(model) if load else self._upscalers.get(model)
+            return upscaler.report if upscaler is not None else None
+        slot = self._slot(model) if load else self._slots.get(model)
+        if slot is None:
+            return None
+        stats = getattr(slot.pipeline.run_context, "stats", None)
+        slot.report.compile_stats = stats.as_dict() if stats is not None else None
         return slot.report
 
     def compile_stats(self, model: str) -> dict[str, Any] | None:

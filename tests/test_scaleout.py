@@ -356,3 +356,61 @@ def test_a_request_cancelled_before_it_runs_does_no_engine_work_batched_or_not()
         assert engine.calls == ["kept"] and worker.model_calls == 1
     finally:
         loop.close()
+
+
+def test_a_report_look_never_loads_and_a_remote_look_is_bounded(engine, monkeypatch):
+    """/ui/api/report through replicas asks `optimization_report(model, load=False)`: a replica without the model
+    answers None (it loads nothing, evicts nothing); the ingress waits at most ASK_TIMEOUT_S and cancels."""
+    from engine.scaleout import remote as remote_mod
+    from engine.scaleout.remote import RemoteEngine
+
+    engine.load("tiny-sd15")
+    assert engine.optimization_report("tiny-sd15", load=False) is engine.optimization_report("tiny-sd15")
+    before = engine.loaded_models()
+    if "tiny-flux" not in before:
+        assert engine.optimization_report("tiny-flux", load=False) is None
+        assert engine.loaded_models() == before
+
+    class Response:
+        def __init__(self, out=None):
+            self.out, self.cancelled = out, False
+
+        def result(self, timeout_s=None):
+            if self.out is None:
+                time.sleep(timeout_s)
+                raise TimeoutError
+            return self.out
+
+        def cancel(self):
+            self.cancelled = True
+
+    class Method:
+        def __init__(self, response):
+            self.response = response
+
+        def remote(self, *args):
+            return self.response
+
+    class Handle:
+        def __init__(self, response):
+            self.optimization_report = self.stats = Method(response)
+
+    monkeypatch.setattr(remote_mod, "ASK_TIMEOUT_S", 0.2)
+    silent = Response()
+    t0 = time.monotonic()
+    assert RemoteEngine(Handle(silent), replicas=1).optimization_report("tiny-sd15") is None
+    assert silent.cancelled and time.monotonic() - t0 < 2
+    busy = Response()
+    assert RemoteEngine(Handle(busy), replicas=1).loaded_models() == [] and busy.cancelled
+    lacking = Response({"result": None, "replica": "r0"})
+    assert RemoteEngine(Handle(lacking), replicas=1).optimization_report("tiny-sd15") is None
+
+
+def test_a_replica_without_the_model_reports_none_and_loads_nothing():
+    class Unloaded(_StepEngine):
+        def optimization_report(self, model, *, load=True):
+            assert not load, "a replica's report look must not load"
+            return None
+
+    worker = _worker(Unloaded())
+    assert asyncio.run(worker.optimization_report("tiny-sd15")) == {"result": None, "replica": "r0"}

@@ -125,10 +125,24 @@ class RemoteEngine:
             reported = {m for counters in self.reported.values() for m in counters.get("loaded", ())}
         return sorted(now | reported | set(self._families))
 
-    def optimization_report(self, model: str) -> Any:
+    def optimization_report(self, model: str, *, load: bool = False) -> Any:
         """The compiler report of one replica (whichever Serve routes to; replicas share engine settings, so passes
-        and memory plan agree, while compile_stats are that replica's own)."""
-        return self._wait(self.handle.optimization_report.remote(model, caller_policy()), count=False)["result"]
+        and memory plan agree, while compile_stats are that replica's own), or None when that replica does not
+        have `model` loaded or does not answer within `ASK_TIMEOUT_S`. A look never loads: `load` is accepted for
+        the Engine's signature and ignored."""
+        response = self.handle.optimization_report.remote(model, caller_policy())
+        try:
+            out = response.result(timeout_s=ASK_TIMEOUT_S)
+        except TimeoutError:
+            response.cancel()
+            return None
+        except Exception as e:  # noqa: BLE001 - a lost replica reads as replica_died
+            from ray import exceptions as rex
+
+            raise _mapped(e, rex) from None
+        if "error" in out:  # an engine error, sent as data: same type, status and body
+            raise RestoredJobError(out["error"])
+        return out["result"]
 
     def close(self) -> None:
         pass

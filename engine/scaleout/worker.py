@@ -219,11 +219,12 @@ class EngineWorker:
         return {"result": result, "replica": self.replica, "pid": self.pid, "adapters": ""}
 
     async def optimization_report(self, model: str, caller: CallerPolicy = TRUSTED) -> dict[str, Any]:
-        """This replica's compiler report for `model` (loads it if needed). Replicas share engine settings, so
-        their reports agree on passes and memory plan; compile_stats are this replica's."""
+        """This replica's compiler report for `model`, or None when the model is not loaded here (a look never loads
+        a model, nor evicts one this replica serves). Replicas share engine settings, so their reports agree on
+        passes and memory plan; compile_stats are this replica's."""
+        report = self._as(caller, lambda: self.engine.optimization_report(model, load=False))
         try:
-            return {"result": await asyncio.to_thread(self._as(caller, self.engine.optimization_report), model),
-                    "replica": self.replica}
+            return {"result": await asyncio.to_thread(report), "replica": self.replica}
         except EngineError as e:
             return {"error": error_record(e)}
 

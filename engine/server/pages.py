@@ -87,9 +87,11 @@ def add_page_routes(app: FastAPI, service: Any, *, auth: list[Any]) -> None:
             loaded = set(engine.loaded_models())
             out = []
             for model in _served_models(service.table.as_dict().get(app_id)):
-                entry: dict[str, Any] = {"model": model, "loaded": model in loaded}
-                if model in loaded:
-                    entry["report"] = engine.optimization_report(model).as_dict()
+                report = engine.optimization_report(model, load=False) if model in loaded else None
+                # shown only when loaded (behind replicas: on the replica asked); a look never loads a model
+                entry: dict[str, Any] = {"model": model, "loaded": report is not None}
+                if report is not None:
+                    entry["report"] = report.as_dict()
                 out.append(entry)
             return out
 
