@@ -60,13 +60,13 @@ def test_selection_on_simulated_capabilities():
     assert cpu.kind == "single" and "CUDA" in cpu.reason
 
 
-def _pass_report(family: str, config: CompileConfig, caps: ParallelCaps | None, **state):
+def _pass_report(family: str, config: CompileConfig, caps: ParallelCaps | None, device: str = "cpu", **state):
     """The parallel pass alone on the tiny model's real denoiser (no device work unless it applies)."""
     from engine.loading import load_model
 
     loaded = load_model(f"tiny-{family}")
-    report = OptimizationReport(config_hash="test", device="cpu")
-    ctx = PassContext(components=loaded.components, family=get_family(family), device=torch.device("cpu"),
+    report = OptimizationReport(config_hash="test", device=device)
+    ctx = PassContext(components=loaded.components, family=get_family(family), device=torch.device(device),
                       config=config, report=report, state={"parallel_caps": caps, **state} if caps else dict(state))
     apply_parallel_plan(ctx)
     return report, ctx.state
@@ -82,6 +82,26 @@ def test_the_pass_reports_why_it_is_not_applied(family, caps, status, words):
     report, state = _pass_report(family, CompileConfig(), caps)
     assert report.status("parallel") == status and words in " ".join(report.details("parallel"))
     assert "cfg_parallel" not in state
+
+
+@pytest.mark.parametrize("device, caps, words", [
+    ("cpu", ParallelCaps("cuda", 2), "engine runs on cpu"),  # Engine(device="cpu") on a 2-GPU host
+    ("cuda:0", ParallelCaps("cuda", 2, distributed_ready=True, world_size=2), "torchrun"),  # a rank of torchrun
+])
+def test_automatic_cfg_parallel_needs_the_engines_own_gpu_and_no_torchrun(device, caps, words):
+    report, state = _pass_report("sdxl", CompileConfig(), caps, device=device)
+    assert report.status("parallel") == "skipped" and words in " ".join(report.details("parallel"))
+    assert "cfg_parallel" not in state
+
+
+def test_the_second_device_is_another_gpu_than_the_engines():
+    from engine.compiler.parallel import _second_device
+
+    assert _second_device(torch.device("cuda", 0), 2) == torch.device("cuda", 1)
+    assert _second_device(torch.device("cuda", 1), 2) == torch.device("cuda", 0)
+    assert _second_device(torch.device("cuda"), 4) == torch.device("cuda", 1)
+    assert all(_second_device(torch.device("cuda", i), n) != torch.device("cuda", i)
+               for n in range(2, 9) for i in range(n))
 
 
 def test_the_pass_on_this_machine_and_its_switches():

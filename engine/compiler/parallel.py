@@ -72,7 +72,20 @@ def _heads(model: Any) -> int | None:
     return heads if isinstance(heads, int) else None
 
 
+def _auto_cfg_blocker(device: torch.device, caps: Any) -> str | None:
+    """Why automatic CFG-parallel does not apply to an engine on `device` though `caps` shows 2+ GPUs, or None. The
+    pair is the engine's own CUDA device and another: an engine on the CPU (or MPS) has no GPU of its own to pair,
+    and under torchrun every rank owns one GPU, so a copy on "the next" one would sit on a neighbour rank's."""
+    if device.type != "cuda":
+        return f"the engine runs on {device}; CFG-parallel pairs the engine's CUDA device with a second one"
+    if caps.world_size > 1:
+        return (f"torch.distributed has {caps.world_size} ranks (torchrun): each rank owns its GPU, so a UNet copy "
+                "would land on a neighbour rank's; set parallel_devices to choose devices explicitly")
+    return None
+
+
 def _second_device(first: torch.device, count: int) -> torch.device:
+    """The CUDA device after the engine's (wrapping around): never the engine's own when `count` >= 2."""
     index = first.index or 0
     return torch.device("cuda", (index + 1) % count)
 
@@ -117,6 +130,10 @@ def apply_parallel_plan(ctx: PassContext) -> None:
                 return
             applied, reason = apply_parallel(model, plan, caps)
             (ctx.report.applied if applied else ctx.report.skipped)(NAME, f"{plan.kind}: {reason}")
+            return
+        why_not = _auto_cfg_blocker(ctx.device, caps)
+        if why_not:
+            ctx.report.skipped(NAME, f"cfg: {why_not} ({plan.reason})")
             return
         devices = (ctx.device, _second_device(ctx.device, caps.device_count))
     for blocker in BLOCKERS:
