@@ -335,8 +335,8 @@ def test_loras_equal_unsplit_and_the_copy_follows(engines, level, tmp_path_facto
 
 
 def test_ip_adapter_equals_unsplit(engines):
-    """An IP-Adapter is loaded into the UNet for its job only: the copy is rebuilt with it (image_embeds are split
-    with the batch), and rebuilt again without it for the next plain job."""
+    """An IP-Adapter is loaded into the UNet for its job only: that job runs unsplit on the first device (no copy
+    of the UNet is made for it, nor for the next plain job, which is split again); images equal the unsplit engine."""
     from test_img2img import random_image
 
     plain, split = engines("O0")
@@ -344,11 +344,19 @@ def test_ip_adapter_equals_unsplit(engines):
         model = f"tiny-{family}"
         args = dict(model=model, **KW, guidance_scale=5.0, num_images=2)
         ip = {"model": f"tiny-ip-adapter-{family}", "image": random_image(80, 72, seed=3), "scale": 0.8}
+        stats = handle_of(split, model).stats
+        before = stats.split_calls
         base = split.generate(**args).images
+        per_job = stats.split_calls - before  # UNet calls of one job (the scheduler's, not always one per step)
+        rebuilds, split_calls, unsplit = stats.rebuilds, stats.split_calls, stats.unsplit_calls
         a, b = plain.generate(**args, ip_adapter=ip).images, split.generate(**args, ip_adapter=ip).images
         assert np.abs(arr(a) - arr(base)).mean() > 1.0, "the IP-Adapter has no effect"
         same(a, b, f"{family} ip-adapter")
+        assert per_job >= KW["num_inference_steps"]
+        assert stats.unsplit_calls - unsplit == per_job and stats.split_calls == split_calls
         assert np.array_equal(arr(split.generate(**args).images), arr(base))
+        assert stats.split_calls - split_calls == per_job
+        assert stats.rebuilds == rebuilds, "an IP-Adapter job copied the UNet"
 
 
 def test_the_worker_runs_under_the_callers_modes():

@@ -17,10 +17,12 @@ and anything else (0-d timesteps, scales, None) goes to both halves as it is.
 Keeping the copy in sync: the engine changes the UNet between jobs (LoRA sets loaded, hot-swapped, fused, unfused)
 and inside a job (an IP-Adapter is loaded for that job only: new attention processors and `encoder_hid_proj`). The
 copy records what it was built from: the adapter state the engine notes after applying a request's LoRAs
-(`adapters_key`) and the UNet's `encoder_hid_proj` object. When either differs on a call, the copy is rebuilt from
-the UNet (a deep copy of the module with its tensors written straight to the second device, so adapters, processors
-and scales come along, and regionally compiled blocks compiled again). Rebuilding costs one UNet copy over the
-interconnect per adapter-set change; a stable set costs nothing.
+(`adapters_key`) and the UNet's `encoder_hid_proj` object. When the adapter state differs on a call, the copy is
+rebuilt from the UNet (a deep copy of the module with its tensors written straight to the second device, so adapters,
+processors and scales come along, and regionally compiled blocks compiled again): one UNet copy over the
+interconnect per LoRA-set change; a stable set costs nothing. While `encoder_hid_proj` is not the one the copy was
+built with (an IP-Adapter job), calls run unsplit on the first device and nothing is copied: mirroring a per-job
+IP-Adapter would cost two whole-UNet copies per IP-Adapter job (one with it, one without for the next plain job).
 """
 
 from __future__ import annotations
@@ -141,6 +143,9 @@ class CfgParallel:
         batch = sample.shape[0] if isinstance(sample, torch.Tensor) and sample.ndim else 0
         if batch < 2 or batch % 2:
             self.stats.unsplit_calls += 1
+            return None
+        if self._built_from is not None and self._fingerprint()[1] is not self._built_from[1]:
+            self.stats.unsplit_calls += 1  # a per-job IP-Adapter: the copy does not have it, and is not rebuilt
             return None
         if self._built_from is None or self._fingerprint() != self._built_from:
             self.rebuild()
