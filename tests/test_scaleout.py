@@ -107,8 +107,10 @@ def test_parallel_plan_without_guidance_and_apply_reports_why_not():
     caps = ParallelCaps("cuda", 4, nvlink=True, attention_heads=24)  # no process group: not applied, with reason
     applied, reason = apply_parallel(object(), plan_parallel("flux", caps), caps)
     assert not applied and "torch.distributed" in reason
-    applied, reason = apply_parallel(object(), plan_parallel("sdxl", caps), caps)
-    assert not applied and "CFG" in reason
+    with pytest.raises(ValueError, match="compiler"):  # CFG plans are the compiler pass's, never applied here
+        apply_parallel(object(), plan_parallel("sdxl", caps), caps)
+    single = plan_parallel("sdxl", ParallelCaps("cuda", 1))
+    assert apply_parallel(object(), single, caps) == (False, "one GPU visible to this replica")
 
 
 def test_this_machine_plans_single_device_on_cpu():

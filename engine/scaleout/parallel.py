@@ -156,7 +156,11 @@ def detect_caps(attention_heads: int | None = None) -> ParallelCaps:
 
 
 def apply_parallel(transformer: Any, plan: ParallelPlan, caps: ParallelCaps) -> tuple[bool, str]:
-    """Apply a context-parallel plan to a diffusers transformer; (applied, reason) as a compiler pass reports."""
+    """Apply a context-parallel plan to a diffusers transformer; (applied, reason) as a compiler pass reports. A
+    single-device plan is not applied (its reason says why). CFG plans are not this function's: the compiler pass
+    hooks them onto the UNet in-process (engine/compiler/parallel.py), so one here is a caller's mistake."""
+    if plan.kind == "cfg":
+        raise ValueError("a CFG-parallel plan is applied by the compiler's parallel pass (attach_cfg_parallel)")
     if plan.kind.startswith("context_"):
         if not caps.distributed_ready:
             return False, "context parallel needs torch.distributed initialised with one rank per GPU (torchrun)"
@@ -173,8 +177,6 @@ def apply_parallel(transformer: Any, plan: ParallelPlan, caps: ParallelCaps) -> 
             transformer._parallel_config = None  # resolved before diffusers checked the backend
             return False, f"diffusers refused it: {str(e).splitlines()[0]}"
         return True, plan.reason
-    if plan.kind == "cfg":
-        return False, "CFG-parallel runs in one process: the compiler's parallel pass hooks it onto the UNet"
     return False, plan.reason
 
 
