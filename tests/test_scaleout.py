@@ -416,3 +416,31 @@ def test_a_replica_without_the_model_reports_none_and_loads_nothing():
 
     worker = _worker(Unloaded())
     assert asyncio.run(worker.optimization_report("tiny-sd15")) == {"result": None, "replica": "r0"}
+
+
+def test_a_cancelled_request_of_a_replica_batch_drops_out_and_is_recorded_stopped(engine):
+    """Batched replica path on a real engine: two same-shape streams run as one batch; one closed mid-run (Serve's
+    cancel) drops out at its next step, recorded stopped, while the other finishes."""
+    from engine.scaleout.batching import BatchConfig
+
+    worker = _worker(engine, BatchConfig(max_batch_size=2, max_wait_s=0.5))
+
+    async def consume(request, cancel_at=None):
+        stream, messages = worker.generate_stream(request), []
+        async for message in stream:
+            messages.append(message)
+            if cancel_at is not None and "step" in message and message["step"][0] >= cancel_at:
+                await stream.aclose()
+                return messages, False
+        return messages, True
+
+    async def main():
+        long = [GenerateRequest(model="tiny-sd15", prompt=f"long {i}", width=64, height=64, num_inference_steps=20,
+                                seed=i) for i in range(2)]
+        return await asyncio.gather(consume(long[0], cancel_at=2), consume(long[1]))
+
+    (_, first_done), (second, second_done) = asyncio.run(main())
+    assert not first_done and second_done and "result" in second[-1]
+    assert worker._batcher.batches == [2] and worker.cancelled == 1 and worker.done == 1
+    record = worker.stopped[-1]
+    assert record["stopped"] is True and 3 <= record["step"] < 20
