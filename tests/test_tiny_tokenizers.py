@@ -18,7 +18,7 @@ def test_every_tiny_tokenizer_is_shipped_frozen():
     assert {kind for kind, _, _ in specs} == set(TOKENIZER_BUILDERS)
     for kind, corpus, size in specs:
         path = frozen_path(kind, corpus, size)
-        assert path.is_file(), f"{path.name} missing: run python -m engine.loading.tokenizers"
+        assert path.is_file(), f"{path.name} missing: run python -m engine.loading.tiny"
         assert len(json.loads(path.read_text())["vocab"]) <= size
 
 

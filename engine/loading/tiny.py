@@ -13,6 +13,7 @@ config and deep-merges this one over it, so a variant states only what differs.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -26,7 +27,7 @@ from ..families import get_family
 from ..paths import cache_dir, configs_dir
 from .classes import resolve_class
 from .stock import build_stock_pipeline
-from .tokenizers import TOKENIZER_BUILDERS
+from .tokenizers import TOKENIZER_BUILDERS, TRAINERS, frozen_path
 
 BUILDER_VERSION = "3"  # bump when a builder changes what it writes
 
@@ -250,3 +251,24 @@ def ensure_tiny_model(name: str) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def freeze_tokenizers(names: list[str] | None = None) -> list[Path]:
+    """Train and write the frozen vocabulary of every tokenizer the tiny configs use that has none yet (a
+    maintainer's step after changing the corpus or a size; the files are package data: see tokenizers.py)."""
+    written = []
+    for kind, corpus, vocab_size in tokenizer_specs(names):
+        path = frozen_path(kind, corpus, vocab_size)
+        if path.is_file():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(TRAINERS[kind](corpus, vocab_size), ensure_ascii=False) + "\n", encoding="utf-8")
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    import sys
+
+    for written_path in freeze_tokenizers(sys.argv[1:] or None):
+        print(written_path)

@@ -8,7 +8,7 @@ Training is not reproducible across processes (the trainers break ties between e
 order, and Rust seeds its hash maps per process), and a different vocabulary means different token ids, so a
 different image for the same seed on another machine or cache. So the trained vocabularies are shipped, frozen, in
 configs/tiny/tokenizers/ (one file per kind, size and corpus digest) and every build reads them; training is the
-fallback for a size or corpus without one (`python -m engine.loading.tokenizers` writes the files).
+fallback for a size or corpus without one (`python -m engine.loading.tiny` writes the files).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,8 @@ def _trained(kind: str, corpus: str, vocab_size: int) -> dict[str, Any]:
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
     log.warning("no frozen %s tokenizer of %d tokens for this corpus (%s): training one; token ids, and so tiny-model "
-                "images, will differ from other builds", kind, vocab_size, path.name)
+                "images, will differ from other builds (python -m engine.loading.tiny freezes them)", kind,
+                vocab_size, path.name)
     return TRAINERS[kind](corpus, vocab_size)
 
 
@@ -97,23 +97,3 @@ def build_t5_tokenizer(corpus: str, vocab_size: int, model_max_length: int = 512
 TRAINERS = {"clip": _train_clip, "t5": _train_t5}
 TOKENIZER_BUILDERS = {"clip": build_clip_tokenizer, "t5": build_t5_tokenizer}
 
-
-def freeze(names: list[str] | None = None) -> list[Path]:
-    """Train and write the frozen vocabulary of every tokenizer the tiny configs use (a maintainer's step, after
-    changing the corpus or a size; the files are package data)."""
-    from .tiny import tokenizer_specs
-
-    written = []
-    for kind, corpus, vocab_size in tokenizer_specs(names):
-        path = frozen_path(kind, corpus, vocab_size)
-        if path.is_file():
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(TRAINERS[kind](corpus, vocab_size), ensure_ascii=False) + "\n", encoding="utf-8")
-        written.append(path)
-    return written
-
-
-if __name__ == "__main__":
-    for written_path in freeze(sys.argv[1:] or None):
-        print(written_path)
