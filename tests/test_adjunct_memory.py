@@ -105,11 +105,11 @@ def test_controlnet_and_ip_adapter_match_stock_under_every_plan(assets, plan, le
         for module in (net, encoder):
             assert _placed_as(module, plan) == KIND[plan], (type(module).__name__, plan)
         if KIND[plan] == "swap":  # joined the denoiser's group / the last text encoder's, sent back with it
-            unet_group = placement._SWAP_GROUPS[slot.loaded.components["unet"]][0]
+            unet_group = placement.swap_group(slot.loaded.components["unet"])[0]
             assert net in unet_group.adjuncts
-            assert encoder in placement._SWAP_GROUPS[slot.loaded.components["text_encoder_2" if plan ==
-                                                                              "model_offload" else "text_encoder"]
-                                                     ][0].adjuncts
+            encoder_group = placement.swap_group(slot.loaded.components["text_encoder_2" if plan == "model_offload"
+                                                                        else "text_encoder"])[0]
+            assert encoder in encoder_group.adjuncts
         # a plain request after both: the model alone, same image as before the adjuncts were placed
         plain = eng.generate(model="tiny-sdxl", **ARGS).images
         again = eng.generate(model="tiny-sdxl", **ARGS, **requests["controlnet"]).images
@@ -216,7 +216,7 @@ def test_flux_controlnet_matches_stock_under_every_plan(flux_assets, plan):
         assert _placed_as(net, plan) == KIND[plan]
         if KIND[plan] == "swap":
             transformer = eng._slots["tiny-flux"].loaded.components["transformer"]
-            assert net in placement._SWAP_GROUPS[transformer][0].adjuncts
+            assert net in placement.swap_group(transformer)[0].adjuncts
     finally:
         eng.close()
 
@@ -231,10 +231,10 @@ def test_controlnet_follows_the_model_when_it_is_placed_again(assets):
         eng.generate(model="tiny-sdxl", **request)
         slot = eng._slots["tiny-sdxl"]
         unet = slot.loaded.components["unet"]
-        old = placement._SWAP_GROUPS[unet][0]
+        old = placement.swap_group(unet)[0]
         with eng._lora_change(slot):  # what a LoRA change does around the adapters
             pass
-        new = placement._SWAP_GROUPS[unet][0]
+        new = placement.swap_group(unet)[0]
         assert new is not old
         got = eng.generate(model="tiny-sdxl", **request).images
         assert net in new.adjuncts and net not in old.adjuncts
