@@ -495,11 +495,11 @@ class Engine:
             with self._run_lock:
                 if self._slots.get(model) is slot:  # not evicted or replaced since it was looked up
                     self._planner.set_vae_options(slot.loaded.components, plan)
+                    if loras or slot.loras is not None:  # first: under an offload plan a change places the model
+                        self._apply_loras(slot, loras)     # anew (new swap groups), which the adjuncts then join
                     for note in self._planner.place_adjuncts(slot.loaded.components, plan, adjuncts):
                         log.info("%s: %s", model, note)
                     slot.compile_controlnets(params)
-                    if loras or slot.loras is not None:
-                        self._apply_loras(slot, loras)
                     if slot.cfg_parallel is not None:  # its UNet copy is rebuilt when the adapters changed
                         slot.cfg_parallel.adapters_key = (slot.loras.active, slot.loras.fused) if slot.loras else None
                     if runner is not None:

@@ -241,3 +241,33 @@ def test_controlnet_follows_the_model_when_it_is_placed_again(assets):
         assert images_close(assets["controlnet"], got)[0]
     finally:
         eng.close()
+
+
+def test_controlnet_joins_the_groups_placed_by_the_same_jobs_lora_change(assets, tmp_path):
+    """A job that changes the LoRA set under an offload plan places the model anew before its ControlNet is placed:
+    the ControlNet is in the new denoiser group for that job (sent back to the host with it before decode), and the
+    image equals the resident engine's (held to stock diffusers by the tests above and tests/test_lora.py)."""
+    from accelerate.hooks import CpuOffload
+
+    from engine.testing import random_lora
+
+    lora = [{"path": str(random_lora("tiny-sdxl", tmp_path / "lora.safetensors")), "scale": 0.8}]
+    net = copy.deepcopy(assets["net"])
+    request = {**ARGS, **_requests(assets, net)["controlnet"]}
+    resident = Engine(device="cpu", compile_config={"dtype": "fp32"})
+    try:
+        want = resident.generate(model="tiny-sdxl", loras=lora, **request).images
+    finally:
+        resident.close()
+    eng = Engine(device="cpu", memory_plan="model_offload", compile_config={"dtype": "fp32"})
+    try:
+        eng.generate(model="tiny-sdxl", **request)  # the ControlNet joins the first groups
+        unet = eng._slots["tiny-sdxl"].loaded.components["unet"]
+        first = placement.swap_group(unet)[0]
+        got = eng.generate(model="tiny-sdxl", loras=lora, **request).images  # LoRA change: new groups, same job
+        group = placement.swap_group(unet)[0]
+        assert group is not first and net in group.adjuncts
+        assert isinstance(getattr(net, "_hf_hook", None), CpuOffload)
+        assert images_close(want, got)[0]
+    finally:
+        eng.close()
