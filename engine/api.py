@@ -752,8 +752,11 @@ class Engine:
                 raise InvalidRequestError(field, "a ControlNet module object is only accepted from trusted callers")
             module = model
         elif isinstance(model, str):
-            cache = self.__dict__.setdefault("_controlnets", {})
-            key = (model, family, dtype, caller_policy().trusted)
+            from .compiler.compile import controlnet_compile_key
+
+            cache = self.__dict__.setdefault("_controlnets", {})  # per compile key: compiling is in place
+            key = (model, family, dtype, caller_policy().trusted,
+                   controlnet_compile_key(getattr(slot.pipeline.run_context, "plan", None)))
             module = cache.get(key)
             if module is None:
                 if self.controlnet_resolver is not None:

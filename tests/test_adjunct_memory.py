@@ -271,3 +271,31 @@ def test_controlnet_joins_the_groups_placed_by_the_same_jobs_lora_change(assets,
         assert images_close(want, got)[0]
     finally:
         eng.close()
+
+
+def test_a_cached_controlnet_compiled_for_one_model_is_not_served_to_an_eager_one(assets):
+    """The engine caches ControlNets by id, and compiling one (at O2, like the denoiser) changes it in place: the
+    cache is per compile key, so the model reloaded at O0 gets an eager copy, and its report says so."""
+    from engine.compiler.compile import compile_like_denoiser
+
+    eng = Engine(device="cpu")
+    eng.controlnet_resolver = lambda model, **kwargs: copy.deepcopy(assets["net"])
+    try:
+        eng.load("tiny-sdxl", opt_level="O2", compile_config={"dtype": "fp32"})
+        slot = eng._slots["tiny-sdxl"]
+        compiled = eng._controlnet("cn", 0, slot)
+        applied, _ = compile_like_denoiser(compiled, slot.loaded.components["unet"], slot.pipeline.run_context.plan)
+        assert applied and eng._controlnet("cn", 0, slot) is compiled  # cached for the same plan
+        del slot
+        eng.load("tiny-sdxl", opt_level="O0")  # other settings: reloaded
+        request = {**ARGS, "controlnets": [{"model": "cn", "image": assets["control"], "conditioning_scale": 0.8}]}
+        got = eng.generate(model="tiny-sdxl", **request).images
+        eager = eng._controlnet("cn", 0, eng._slots["tiny-sdxl"])
+        assert eager is not compiled
+        assert all(getattr(m, "_compiled_call_impl", None) is None for m in eager.modules())
+        details = [d for d in eng.optimization_report("tiny-sdxl").details("compile")
+                   if d.startswith("request ControlNetModel")]
+        assert details and "not compiled" in details[0]
+        assert images_close(assets["controlnet"], got)[0]
+    finally:
+        eng.close()
