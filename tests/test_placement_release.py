@@ -90,3 +90,17 @@ def test_out_of_memory_fallback_reloads_with_the_failed_slot_freed(monkeypatch):
     eng.generate(model="tiny-sdxl", **ARGS)
     assert alive_at_reload == [False]
     assert eng._slots["tiny-sdxl"].plan.rung != "text_encoders_offloaded"
+
+
+def test_unload_removes_the_cfg_parallel_copy():
+    """A slot with a CFG-parallel UNet copy (compiler pass parallel, two CPU "devices" here): unloading takes the
+    hooks off and drops the copy with the slot."""
+    eng = Engine(device="cpu", compile_config={"parallel_devices": ["cpu", "cpu"]})
+    eng.generate(model="tiny-sdxl", **ARGS, guidance_scale=5.0)
+    handle = eng._slots["tiny-sdxl"].cfg_parallel
+    assert handle is not None and handle.replica is not None
+    ref = _unet_ref(eng)
+    assert eng.unload("tiny-sdxl")
+    assert handle.replica is None
+    del handle
+    assert _gone(ref)
