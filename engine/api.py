@@ -97,6 +97,17 @@ class _Slot:
             (self.report.applied if applied else self.report.skipped)("compile", f"request {detail}")
             self._compiled_adjuncts.add(control.model)
 
+    def drop(self) -> None:
+        """Take the placement off a slot the engine drops: offload hooks and the swap groups (whose handles chain a
+        cached ControlNet / image encoder to this model's modules) and the CFG-parallel copy, so nothing cached
+        keeps the model alive once the engine lets go of it."""
+        from .runtime.placement import reset_placement
+
+        if self.cfg_parallel is not None:
+            self.cfg_parallel.remove()
+            self.cfg_parallel = None
+        reset_placement(self.loaded.components, quiet=True)
+
     def lora_manager(self) -> LoraManager:
         if self.loras is None:
             compiled = bool(self.config.compile)
@@ -235,6 +246,7 @@ class Engine:
                                      or plan is not None):
                 with self._run_lock:
                     del self._slots[model]
+                    slot.drop()
                 del slot
                 self._release()  # the old placement's memory, before the new one is planned
                 slot = None
@@ -316,7 +328,10 @@ class Engine:
         key, table = min(loaded, key=lambda kd: self._last_used.get(kd[0], 0.0))
         log.info("evicting %s (least recently used) to make room for %s: %s", key, model, why)
         with self._run_lock:
-            table.pop(key, None)
+            dropped = table.pop(key, None)
+            if isinstance(dropped, _Slot):
+                dropped.drop()
+        del dropped
         self._release()
         return True
 
@@ -381,6 +396,8 @@ class Engine:
         """Drop a loaded model (and free its memory); False if it was not loaded."""
         with self._load_lock, self._run_lock:
             slot = self._slots.pop(model, None) or self._upscalers.pop(model, None)
+            if isinstance(slot, _Slot):
+                slot.drop()
         if slot is None:
             return False
         del slot
@@ -419,10 +436,9 @@ class Engine:
                 raise
             failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         if failure is not None:  # outside the except block: the traceback's tensors are released by now
-            failed = slot
+            failed = weakref.ref(slot)  # weak: the failed placement is freed before the reload
             del slot
             slot = self._fall_back(request.model, failed, failure)
-            del failed
             try:
                 out = self._run(request.model, slot, loras, params, step_callback)  # once
             except Exception as e:
@@ -486,11 +502,11 @@ class Engine:
             with self._run_lock:
                 if self._slots.get(model) is slot:  # not evicted or replaced since it was looked up
                     self._planner.set_vae_options(slot.loaded.components, plan)
+                    if loras or slot.loras is not None:  # first: under an offload plan a change places the model
+                        self._apply_loras(slot, loras)     # anew (new swap groups), which the adjuncts then join
                     for note in self._planner.place_adjuncts(slot.loaded.components, plan, adjuncts):
                         log.info("%s: %s", model, note)
                     slot.compile_controlnets(params)
-                    if loras or slot.loras is not None:
-                        self._apply_loras(slot, loras)
                     if slot.cfg_parallel is not None:  # its UNet copy is rebuilt when the adapters changed
                         slot.cfg_parallel.adapters_key = (slot.loras.active, slot.loras.fused) if slot.loras else None
                     if runner is not None:
@@ -524,16 +540,20 @@ class Engine:
         finally:
             self._planner.place(slot.loaded.components, slot.loaded.family, slot.plan)
 
-    def _fall_back(self, model: str, failed: _Slot, failure: str) -> _Slot:
+    def _fall_back(self, model: str, failed_ref: "weakref.ref[_Slot]", failure: str) -> _Slot:
         """After an out-of-memory error: drop the failed placement and free its memory, then step one rung down
         the memory ladder (sized with that memory free) and reload the model with that plan; the next requests
-        start from it too."""
+        start from it too. `failed_ref` is weak: the caller keeps no reference to the failed slot."""
+        failed = failed_ref()
+        if failed is None:  # already dropped (evicted or replaced meanwhile): serve what is loaded now
+            return self._slot(model)
         name, allow_pickle, single_file_config = failed.source
         config, plan = failed.config, failed.plan
         with self._load_lock:
             with self._run_lock:
                 if self._slots.get(model) is failed:
                     del self._slots[model]
+                    failed.drop()
             del failed
             self._release()
             smaller = self._planner.next_plan(plan)
@@ -739,8 +759,11 @@ class Engine:
                 raise InvalidRequestError(field, "a ControlNet module object is only accepted from trusted callers")
             module = model
         elif isinstance(model, str):
-            cache = self.__dict__.setdefault("_controlnets", {})
-            key = (model, family, dtype, caller_policy().trusted)
+            from .compiler.compile import controlnet_compile_key
+
+            cache = self.__dict__.setdefault("_controlnets", {})  # per compile key: compiling is in place
+            key = (model, family, dtype, caller_policy().trusted,
+                   controlnet_compile_key(getattr(slot.pipeline.run_context, "plan", None)))
             module = cache.get(key)
             if module is None:
                 if self.controlnet_resolver is not None:

@@ -105,11 +105,11 @@ def test_controlnet_and_ip_adapter_match_stock_under_every_plan(assets, plan, le
         for module in (net, encoder):
             assert _placed_as(module, plan) == KIND[plan], (type(module).__name__, plan)
         if KIND[plan] == "swap":  # joined the denoiser's group / the last text encoder's, sent back with it
-            unet_group = placement._SWAP_GROUPS[slot.loaded.components["unet"]][0]
+            unet_group = placement.swap_group(slot.loaded.components["unet"])[0]
             assert net in unet_group.adjuncts
-            assert encoder in placement._SWAP_GROUPS[slot.loaded.components["text_encoder_2" if plan ==
-                                                                              "model_offload" else "text_encoder"]
-                                                     ][0].adjuncts
+            encoder_group = placement.swap_group(slot.loaded.components["text_encoder_2" if plan == "model_offload"
+                                                                        else "text_encoder"])[0]
+            assert encoder in encoder_group.adjuncts
         # a plain request after both: the model alone, same image as before the adjuncts were placed
         plain = eng.generate(model="tiny-sdxl", **ARGS).images
         again = eng.generate(model="tiny-sdxl", **ARGS, **requests["controlnet"]).images
@@ -216,7 +216,7 @@ def test_flux_controlnet_matches_stock_under_every_plan(flux_assets, plan):
         assert _placed_as(net, plan) == KIND[plan]
         if KIND[plan] == "swap":
             transformer = eng._slots["tiny-flux"].loaded.components["transformer"]
-            assert net in placement._SWAP_GROUPS[transformer][0].adjuncts
+            assert net in placement.swap_group(transformer)[0].adjuncts
     finally:
         eng.close()
 
@@ -231,13 +231,71 @@ def test_controlnet_follows_the_model_when_it_is_placed_again(assets):
         eng.generate(model="tiny-sdxl", **request)
         slot = eng._slots["tiny-sdxl"]
         unet = slot.loaded.components["unet"]
-        old = placement._SWAP_GROUPS[unet][0]
+        old = placement.swap_group(unet)[0]
         with eng._lora_change(slot):  # what a LoRA change does around the adapters
             pass
-        new = placement._SWAP_GROUPS[unet][0]
+        new = placement.swap_group(unet)[0]
         assert new is not old
         got = eng.generate(model="tiny-sdxl", **request).images
         assert net in new.adjuncts and net not in old.adjuncts
+        assert images_close(assets["controlnet"], got)[0]
+    finally:
+        eng.close()
+
+
+def test_controlnet_joins_the_groups_placed_by_the_same_jobs_lora_change(assets, tmp_path):
+    """A job that changes the LoRA set under an offload plan places the model anew before its ControlNet is placed:
+    the ControlNet is in the new denoiser group for that job (sent back to the host with it before decode), and the
+    image equals the resident engine's (held to stock diffusers by the tests above and tests/test_lora.py)."""
+    from accelerate.hooks import CpuOffload
+
+    from engine.testing import random_lora
+
+    lora = [{"path": str(random_lora("tiny-sdxl", tmp_path / "lora.safetensors")), "scale": 0.8}]
+    net = copy.deepcopy(assets["net"])
+    request = {**ARGS, **_requests(assets, net)["controlnet"]}
+    resident = Engine(device="cpu", compile_config={"dtype": "fp32"})
+    try:
+        want = resident.generate(model="tiny-sdxl", loras=lora, **request).images
+    finally:
+        resident.close()
+    eng = Engine(device="cpu", memory_plan="model_offload", compile_config={"dtype": "fp32"})
+    try:
+        eng.generate(model="tiny-sdxl", **request)  # the ControlNet joins the first groups
+        unet = eng._slots["tiny-sdxl"].loaded.components["unet"]
+        first = placement.swap_group(unet)[0]
+        got = eng.generate(model="tiny-sdxl", loras=lora, **request).images  # LoRA change: new groups, same job
+        group = placement.swap_group(unet)[0]
+        assert group is not first and net in group.adjuncts
+        assert isinstance(getattr(net, "_hf_hook", None), CpuOffload)
+        assert images_close(want, got)[0]
+    finally:
+        eng.close()
+
+
+def test_a_cached_controlnet_compiled_for_one_model_is_not_served_to_an_eager_one(assets):
+    """The engine caches ControlNets by id, and compiling one (at O2, like the denoiser) changes it in place: the
+    cache is per compile key, so the model reloaded at O0 gets an eager copy, and its report says so."""
+    from engine.compiler.compile import compile_like_denoiser
+
+    eng = Engine(device="cpu")
+    eng.controlnet_resolver = lambda model, **kwargs: copy.deepcopy(assets["net"])
+    try:
+        eng.load("tiny-sdxl", opt_level="O2", compile_config={"dtype": "fp32"})
+        slot = eng._slots["tiny-sdxl"]
+        compiled = eng._controlnet("cn", 0, slot)
+        applied, _ = compile_like_denoiser(compiled, slot.loaded.components["unet"], slot.pipeline.run_context.plan)
+        assert applied and eng._controlnet("cn", 0, slot) is compiled  # cached for the same plan
+        del slot
+        eng.load("tiny-sdxl", opt_level="O0")  # other settings: reloaded
+        request = {**ARGS, "controlnets": [{"model": "cn", "image": assets["control"], "conditioning_scale": 0.8}]}
+        got = eng.generate(model="tiny-sdxl", **request).images
+        eager = eng._controlnet("cn", 0, eng._slots["tiny-sdxl"])
+        assert eager is not compiled
+        assert all(getattr(m, "_compiled_call_impl", None) is None for m in eager.modules())
+        details = [d for d in eng.optimization_report("tiny-sdxl").details("compile")
+                   if d.startswith("request ControlNetModel")]
+        assert details and "not compiled" in details[0]
         assert images_close(assets["controlnet"], got)[0]
     finally:
         eng.close()

@@ -94,6 +94,15 @@ def apply_compile(ctx: PassContext) -> None:
                        f"cache {cache}")
 
 
+def controlnet_compile_key(plan: CompilePlan | None) -> tuple[Any, ...] | None:
+    """What `compile_like_denoiser` does to a ControlNet under `plan`, hashable: None (eager) or the regional
+    compile settings. Compiling changes the module in place, so an engine caches its loaded ControlNets per key: a
+    model loaded at O0/O1 never runs one another model's plan compiled."""
+    if plan is None or not plan.compile or plan.compile_scope != "regional":
+        return None
+    return ("regional", tuple(sorted((k, repr(v)) for k, v in plan.compile_kwargs().items())))
+
+
 def compile_like_denoiser(module: torch.nn.Module, denoiser: torch.nn.Module, plan: CompilePlan | None
                           ) -> tuple[bool, str]:
     """A request's ControlNet gets the denoiser's treatment; (applied, what it got or why not).

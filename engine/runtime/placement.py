@@ -164,9 +164,15 @@ class OtherGroupsHandle(GroupOffloadHandle):
             group.offload()
 
 
-# Swap placement of each placed component: (its group's handle, the handle its group's first hook offloads).
-_SWAP_GROUPS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[GroupOffloadHandle, OtherGroupsHandle | None]]" = \
-    weakref.WeakKeyDictionary()
+# Swap placement of each placed component, kept on the module itself: (its group's handle, the handle its group's
+# first hook offloads). The handles reference the module back: a cycle the garbage collector frees with the model
+# (a module-level table keyed weakly by the module would pin it through its own values).
+SWAP_GROUP_ATTR = "_engine_swap_group"
+
+
+def swap_group(module: torch.nn.Module) -> "tuple[GroupOffloadHandle, OtherGroupsHandle | None] | None":
+    """The swap group `module` was placed in (its handle, the handle of the other groups), or None."""
+    return module.__dict__.get(SWAP_GROUP_ATTR)
 
 
 def _place_swap(modules: dict[str, torch.nn.Module], plan: MemoryPlan, device: torch.device) -> list[str]:
@@ -186,7 +192,7 @@ def _place_swap(modules: dict[str, torch.nn.Module], plan: MemoryPlan, device: t
         others = OtherGroupsHandle(group_handles[:i] + group_handles[i + 1:]) if len(groups) > 1 else None
         group[0].hook.prev_module_hook = others
         for name in names:
-            _SWAP_GROUPS[modules[name]] = (group_handles[i], others)
+            modules[name].__dict__[SWAP_GROUP_ATTR] = (group_handles[i], others)
     order = " -> ".join("+".join(g) for g in groups)
     return [f"placement {plan.rung}: accelerate cpu_offload_with_hook onto {device}, groups {order} (each group's "
             "first forward sends the other groups back to the host)"]
@@ -254,11 +260,18 @@ def apply_memory_plan(components: Mapping[str, Any], family: FamilySpec, plan: M
 
 def reset_placement(components: Mapping[str, Any], *, quiet: bool = False) -> list[str]:
     """Remove offload hooks (accelerate's and diffusers' group offload) and bring every module back to the host.
+    Adjuncts (ControlNets, image encoder) that joined the components' swap groups lose their hooks too: those chain
+    to the groups, and a cached adjunct would otherwise keep a dropped model alive (the next job places them anew).
     Lossy storage stays: once rounded, weights do not come back (`memory.needs_reload` says when to reload)."""
     notes = []
     for name, module in _modules(components).items():
+        group = module.__dict__.pop(SWAP_GROUP_ATTR, None)
+        for adjunct in list(group[0].adjuncts) if group is not None else ():
+            _remove_hooks(adjunct)
+            _ADJUNCTS.pop(adjunct, None)
+            group[0].adjuncts.discard(adjunct)
+            adjunct.to("cpu")
         removed = _remove_hooks(module)
-        _SWAP_GROUPS.pop(module, None)
         module.to("cpu")
         if removed:
             notes.append(f"{name}: removed {', '.join(removed)} hooks")
@@ -309,8 +322,9 @@ def _swap_group_of(name: str, components: Mapping[str, Any], plan: MemoryPlan
         if any(c.name == name for c in group):
             for c in group:
                 module = components.get(c.name)
-                if isinstance(module, torch.nn.Module) and module in _SWAP_GROUPS:
-                    return _SWAP_GROUPS[module]
+                placed = swap_group(module) if isinstance(module, torch.nn.Module) else None
+                if placed is not None:
+                    return placed
     return None
 
 
