@@ -106,7 +106,7 @@ class _Slot:
         if self.cfg_parallel is not None:
             self.cfg_parallel.remove()
             self.cfg_parallel = None
-        reset_placement(self.loaded.components, quiet=True)
+        reset_placement(self.loaded.components, quiet=True, to_host=False)  # freed next, not moved
 
     def lora_manager(self) -> LoraManager:
         if self.loras is None:

@@ -258,10 +258,12 @@ def apply_memory_plan(components: Mapping[str, Any], family: FamilySpec, plan: M
     return notes
 
 
-def reset_placement(components: Mapping[str, Any], *, quiet: bool = False) -> list[str]:
-    """Remove offload hooks (accelerate's and diffusers' group offload) and bring every module back to the host.
-    Adjuncts (ControlNets, image encoder) that joined the components' swap groups lose their hooks too: those chain
-    to the groups, and a cached adjunct would otherwise keep a dropped model alive (the next job places them anew).
+def reset_placement(components: Mapping[str, Any], *, quiet: bool = False, to_host: bool = True) -> list[str]:
+    """Remove offload hooks (accelerate's and diffusers' group offload) and bring every module back to the host
+    (`to_host=False`: leave them where they are, for a model being dropped: copying a resident 12 B model to the host
+    only to free it costs seconds and, on a small host, its RAM). Adjuncts (ControlNets, image encoder) that joined
+    the components' swap groups lose their hooks and go to the host (they stay cached): the hooks chain to the
+    groups, and a cached adjunct would otherwise keep a dropped model alive (the next job places them anew).
     Lossy storage stays: once rounded, weights do not come back (`memory.needs_reload` says when to reload)."""
     notes = []
     for name, module in _modules(components).items():
@@ -272,7 +274,8 @@ def reset_placement(components: Mapping[str, Any], *, quiet: bool = False) -> li
             group[0].adjuncts.discard(adjunct)
             adjunct.to("cpu")
         removed = _remove_hooks(module)
-        module.to("cpu")
+        if to_host:
+            module.to("cpu")
         if removed:
             notes.append(f"{name}: removed {', '.join(removed)} hooks")
     return [] if quiet else notes
