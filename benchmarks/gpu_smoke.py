@@ -338,14 +338,52 @@ def main(argv: list[str] | None = None) -> int:
            "steps": steps, "seed": SEED, "thresholds_db": THRESHOLDS_DB, "lora_no_effect_db": LORA_NO_EFFECT_DB,
            "budget_s": args.budget_s, "case_timeout_s": args.case_timeout_s, "elapsed_s": round(elapsed, 1),
            "counts": counts, "cases": [dataclasses.asdict(c) for c in cases],
-           "kernels": kernel_figures(device, args.quick)}
+           "kernels": kernel_figures(device, args.quick), "cfg_parallel": cfg_parallel_check(device)}
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_clean(out), indent=1, default=str) + "\n", encoding="utf-8")
     print()
     print(table(cases))
     print(f"\n{counts} in {elapsed:.0f} s on {out['device']}; JSON: {path}")
-    return 1 if counts["failed"] or counts["crashed"] else 0
+    print(f"CFG-parallel: {out['cfg_parallel']}")
+    return 1 if counts["failed"] or counts["crashed"] or out["cfg_parallel"].get("status") == "failed" else 0
+
+
+def cfg_parallel_check(device: torch.device) -> dict[str, Any]:
+    """CFG-parallel (engine/scaleout/cfg_parallel.py) against the unsplit engine on tiny-sdxl at O1 fp32: on two
+    GPUs when this host has them, else split onto the one device twice (the worker thread and cross-stream order
+    still run; on CPU that is what the tests do), with the auto selection's verdict from the optimization report."""
+    from engine import Engine
+
+    if device.type == "cuda":
+        index = device.index or 0
+        others = [i for i in range(torch.cuda.device_count()) if i != index]
+        devices = [f"cuda:{index}", f"cuda:{others[0]}" if others else f"cuda:{index}"]
+    else:
+        devices = [device.type, device.type]
+    kw = dict(model="tiny-sdxl", prompt=PROMPT, seed=SEED, width=64, height=64, num_inference_steps=2,
+              guidance_scale=5.0, num_images=2)
+    out: dict[str, Any] = {"devices": devices}
+    try:
+        plain = Engine(device=str(device), opt_level="O1", compile_config={"dtype": "fp32", "parallel": "off"})
+        split = Engine(device=str(device), opt_level="O1",
+                       compile_config={"dtype": "fp32", "parallel_devices": devices})
+        auto = Engine(device=str(device), opt_level="O1", compile_config={"dtype": "fp32"})
+        report = auto.optimization_report("tiny-sdxl")
+        out["auto"] = {"status": report.status("parallel"), "detail": " ".join(report.details("parallel"))}
+        times = {}
+        for name, engine in (("unsplit", plain), ("split", split)):
+            engine.generate(**kw)  # warm-up
+            t0 = time.perf_counter()
+            images = engine.generate(**kw).images
+            times[name] = round(time.perf_counter() - t0, 3)
+            out[f"{name}_images"] = images
+        out["psnr_db"] = min(psnr(a, b) for a, b in zip(out.pop("unsplit_images"), out.pop("split_images")))
+        out["seconds"] = times
+        out["status"] = "ok" if out["psnr_db"] >= THRESHOLDS_DB["O0"] else "failed"
+    except Exception as e:  # noqa: BLE001 - a crash is a result here
+        out.update(status="failed", error=f"{type(e).__name__}: {e}"[:300])
+    return out
 
 
 def kernel_figures(device: torch.device, quick: bool) -> dict[str, Any]:

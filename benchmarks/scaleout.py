@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -35,16 +34,6 @@ APP_FOR = {"tiny-sd15": "fal-ai/stable-diffusion-v1-5", "tiny-sdxl": "fal-ai/fas
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_level(service: Any, app: str, args: dict[str, Any], concurrency: int, requests: int,
@@ -88,6 +77,9 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaleout"))
     args = parser.parse_args()
 
+    import torch
+
+    from engine.bench.env import device_name
     from engine.runtime.queue import JobQueue, queue_for
     from engine.scaleout.batching import BatchConfig
     from engine.scaleout.serve import ScaleoutConfig, start_replicas, stop_replicas
@@ -120,7 +112,8 @@ def main() -> int:
     finally:
         stop_replicas()
     load_after = os.getloadavg()
-    out = {"command": command, "cpu": cpu_name(), "cores": os.cpu_count(), "load_average_before": load_before,
+    out = {"command": command, "cpu": device_name(torch.device("cpu")), "cores": os.cpu_count(),
+           "load_average_before": load_before,
            "load_average_after": load_after, "size": args.size, "steps": args.steps, "rows": rows}
     Path(args.out + ".json").write_text(json.dumps(out, indent=2) + "\n")
     lines = [f"`{command}`", "", f"CPU: {out['cpu']} ({out['cores']} cores, shared); load average before "

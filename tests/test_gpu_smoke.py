@@ -47,6 +47,10 @@ def test_quick_cpu_run(tmp_path, capsys):
     for c in data["cases"]:
         if c["status"] in ("ok", "failed"):
             assert c["recompiles"] is not None and c["cuda_graphs"] is False and c["total_s"] > 0
+    cfg = data["cfg_parallel"]  # split onto the CPU twice: the unsplit image, and auto skipped with the reason
+    assert cfg["status"] == "ok" and cfg["devices"] == ["cpu", "cpu"], cfg
+    assert cfg["psnr_db"] == "inf" or cfg["psnr_db"] >= smoke.THRESHOLDS_DB["O0"]
+    assert cfg["auto"]["status"] == "skipped" and cfg["auto"]["detail"]
     printed = capsys.readouterr().out
     assert "min PSNR" in printed and "recompiles" in printed and str(out) in printed
 
