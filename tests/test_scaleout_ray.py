@@ -14,21 +14,15 @@ import base64
 import collections
 import io
 import os
-import socket
 import threading
 import time
 
 import pytest
 from PIL import Image
+from serving import free_port, point_fal_client
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-PORT = _free_port()
+PORT = free_port()
 API_KEY = "scaleout-key"
 os.environ["FAL_RUN_HOST"] = f"127.0.0.1:{PORT}"
 os.environ["FAL_QUEUE_RUN_HOST"] = f"127.0.0.1:{PORT}/queue"
@@ -41,7 +35,6 @@ trustme = pytest.importorskip("trustme")
 uvicorn = pytest.importorskip("uvicorn")
 
 from conftest import images_close  # noqa: E402
-from serving import point_fal_client  # noqa: E402
 
 APP = "fal-ai/stable-diffusion-v1-5"
 ENDPOINTS = {APP: "tiny-sd15"}

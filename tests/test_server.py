@@ -10,7 +10,6 @@ import asyncio
 import base64
 import io
 import os
-import socket
 import ssl
 import subprocess
 import sys
@@ -20,15 +19,10 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from serving import free_port, point_fal_client
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-PORT = _free_port()
+PORT = free_port()
 API_KEY = "test-key-1"
 os.environ["FAL_RUN_HOST"] = f"127.0.0.1:{PORT}"
 os.environ["FAL_QUEUE_RUN_HOST"] = f"127.0.0.1:{PORT}/queue"
@@ -41,7 +35,6 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from conftest import images_close  # noqa: E402
-from serving import point_fal_client  # noqa: E402
 
 
 BASE = f"https://127.0.0.1:{PORT}"
