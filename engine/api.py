@@ -31,7 +31,7 @@ from .registry import find_spec, registry
 from .requests import GenerateRequest, Result, UpscaleRequest, UpscaleResult, parse_request
 from .runtime.device import resolve_device
 from .runtime.planner import Planner, is_out_of_memory
-from .runtime.queue import close_queue
+from .runtime.queue import check_current_job, close_queue
 from .schedulers import get_preset
 
 log = logging.getLogger(__name__)
@@ -501,6 +501,7 @@ class Engine:
                 log.warning("%s", warning)
             with self._run_lock:
                 if self._slots.get(model) is slot:  # not evicted or replaced since it was looked up
+                    check_current_job()  # cancelled while waiting for the lock: no adapters, no placement moves
                     self._planner.set_vae_options(slot.loaded.components, plan)
                     if loras or slot.loras is not None:  # first: under an offload plan a change places the model
                         self._apply_loras(slot, loras)     # anew (new swap groups), which the adjuncts then join

@@ -475,3 +475,33 @@ def test_aura_sr_endpoint_wiring_with_a_stand_in_upscaler():
     with pytest.raises(errors.InvalidRequestError):
         service.prepare("fal-ai/aura-sr", {"image_url": uri, "upscale_factor": 2})
     assert len(engine.calls) == 1
+
+
+def test_a_job_cancelled_while_waiting_for_the_engine_does_no_work(tmp_path):
+    """A job cancelled while it waits for the engine's run lock (another request holds it) ends `cancelled` without
+    applying its LoRA or running a step: the check comes right after the lock, before adapters move."""
+    from test_lora import make_lora
+
+    engine = Engine(device="cpu")
+    try:
+        with FalService(engine, endpoint_overrides=TINY, trusted=True) as service:
+            app = "fal-ai/stable-diffusion-v1-5"
+            service.run(app, {"prompt": "load", "seed": 1, **SMALL})
+            slot = engine._slots["tiny-sd15"]
+            before = slot.loras.active if slot.loras is not None else None
+            lora = make_lora(tmp_path / "w.safetensors", 3, family="sd15")
+            with engine._run_lock:  # as a request running on the engine would hold it
+                handle = service.submit(app, {"prompt": "x", "seed": 2, **SMALL, "loras": [{"path": str(lora)}]})
+                deadline = time.monotonic() + 30
+                while not isinstance(handle.status(), InProgress):
+                    assert time.monotonic() < deadline
+                    time.sleep(0.02)
+                time.sleep(0.2)  # the job is past its LoRA download/resolution and waits for the lock
+                assert handle.cancel() == "requested"
+            with pytest.raises(errors.JobCancelledError):
+                handle.get(timeout=30)
+            assert (slot.loras.active if slot.loras is not None else None) == before
+            assert not [e for e in handle.status(with_logs=True).logs if e["message"].startswith("step ")]
+            assert service.run(app, {"prompt": "after", "seed": 1, **SMALL})["images"]
+    finally:
+        engine.close()

@@ -68,6 +68,14 @@ def current_job() -> "Job | None":
     return _CURRENT_JOB.get()
 
 
+def check_current_job() -> None:
+    """Raise if the calling thread's job was cancelled or ran out of time (nothing outside a job): for work that
+    starts after a wait (the engine's run lock), so a job cancelled while waiting does no work at all."""
+    job = _CURRENT_JOB.get()
+    if job is not None:
+        JobContext(job).check()
+
+
 def note_file(key: str, path: str, size: int) -> None:
     """Record that the running job wrote this output file (removed with the job's result)."""
     job = _CURRENT_JOB.get()
