@@ -1,8 +1,9 @@
 """Scale-out throughput and latency: 1 vs 2 Ray Serve replicas, batching off vs on, at several client concurrencies,
 in one run on one local Ray cluster. Requests go through the ingress's job queue (a `FalService` over the
-`RemoteEngine`, as `engine serve --replicas` runs them), on tiny models, offline.
+`RemoteEngine`, as `engine serve --replicas` runs them), on tiny or small (benchmark-width) models, offline.
 
     python benchmarks/scaleout.py [--models tiny-sd15,tiny-sdxl] [--concurrency 1,4,16] [--ray-cpus 2]
+    python benchmarks/scaleout.py --models small-sdxl --size 128 --out benchmarks/results/scaleout_small
 
 Writes benchmarks/results/scaleout.json and .md (the command, the CPU and the load average first). Needs the
 [ray] extra. On a CPU host every replica shares the same cores: replicas show the queueing/dispatch overhead and
@@ -27,8 +28,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 sys.path.insert(0, str(ROOT))
 
-APP = "fal-ai/stable-diffusion-v1-5"
-APP_FOR = {"tiny-sd15": "fal-ai/stable-diffusion-v1-5", "tiny-sdxl": "fal-ai/fast-sdxl"}
+APP_FOR_FAMILY = {"sd15": "fal-ai/stable-diffusion-v1-5", "sdxl": "fal-ai/fast-sdxl", "flux": "fal-ai/flux/schnell"}
+
+
+def app_for(model: str) -> str:
+    """The fal app a model is served under here (by its registry family: tiny-*, small-* or a real id)."""
+    from engine.registry import find_spec
+
+    spec = find_spec(model)
+    if spec is None or spec.family not in APP_FOR_FAMILY:
+        raise SystemExit(f"{model}: not a registry model of family {'/'.join(APP_FOR_FAMILY)}")
+    return APP_FOR_FAMILY[spec.family]
 
 
 def pct(values: list[float], q: float) -> float:
@@ -99,14 +109,14 @@ def main() -> int:
                                     engine_kwargs={"device": "cpu"}, preload=tuple(models))
             remote = start_replicas(config)
             queue = queue_for(remote, lambda: JobQueue(name=remote.device, workers=config.in_flight))
-            overrides = {APP_FOR[m]: m for m in models}
+            overrides = {app_for(m): m for m in models}
             with FalService(remote, endpoint_overrides=overrides, trusted=True, queue=queue) as service:
                 for model in models:
                     call = {"image_size": {"width": args.size, "height": args.size},
                             "num_inference_steps": args.steps, "sync_mode": True}
                     for c in levels:
                         row = {"setup": name, "model": model, "replicas": replicas, "batching": batching is not None,
-                               **run_level(service, APP_FOR[model], call, c, max(8, 2 * c), args.rounds)}
+                               **run_level(service, app_for(model), call, c, max(8, 2 * c), args.rounds)}
                         print(json.dumps(row), flush=True)
                         rows.append(row)
     finally:

@@ -134,6 +134,30 @@ def test_the_pass_on_this_machine_and_its_switches():
     state["cfg_parallel"].remove()
 
 
+def test_the_unet_copy_is_checked_against_the_second_devices_free_memory(monkeypatch):
+    """Real SDXL sized on the meta device (bf16, 1024x1024, resident on an 80 GB card): the copy on the second GPU
+    needs the UNet (~5 GB) and one CFG branch's activations; a second GPU with less free is reported, not filled."""
+    import engine.compiler.parallel as pp
+    from engine.runtime.memory import GB, MemoryBudget, PlanRequest, estimate_activations, plan_memory, size_model
+
+    plan = plan_memory(size_model("sdxl"), PlanRequest(1024, 1024), MemoryBudget(80 * GB, None, "cuda"))
+    need = pp.copy_need_bytes(plan)
+    unet = next(c.bytes for c in plan.components if c.role == "denoiser")
+    both = estimate_activations(plan.sizes, plan.request).denoise
+    assert 4.5 * GB < unet < need < unet + both and 2 * (need - unet) == pytest.approx(both, rel=0.01)
+    monkeypatch.setattr(pp, "free_bytes", lambda device: need - 1)
+    report, state = _pass_report("sdxl", CompileConfig(parallel_devices=("cpu", "cpu")), None, memory_plan=plan)
+    detail = " ".join(report.details("parallel"))
+    assert report.status("parallel") == "skipped" and "free" in detail and "1024x1024" in detail, detail
+    assert "cfg_parallel" not in state
+    monkeypatch.setattr(pp, "free_bytes", lambda device: need)
+    report, state = _pass_report("sdxl", CompileConfig(parallel_devices=("cpu", "cpu")), None, memory_plan=plan)
+    assert report.status("parallel") == "applied"
+    state["cfg_parallel"].remove()
+    monkeypatch.undo()
+    assert pp.free_bytes(torch.device("cpu")) is None and pp.copy_need_bytes(None) is None
+
+
 def test_parallel_devices_are_validated():
     from engine.errors import InvalidRequestError
 

@@ -12,6 +12,7 @@ blocks, which the copy compiles again). What it cannot compose with is a table o
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -19,6 +20,7 @@ import torch
 
 from ..scaleout.parallel import (CONTEXT_REQUESTS, RULES, ParallelPlan, apply_parallel, detect_caps,
                                  plan_parallel)
+from ..runtime.memory import estimate_activations, format_bytes
 from .context import PassContext
 from .plan import plan_of
 
@@ -90,6 +92,35 @@ def _second_device(first: torch.device, count: int) -> torch.device:
     return torch.device("cuda", (index + 1) % count)
 
 
+def copy_need_bytes(plan: Any) -> int | None:
+    """What the second device holds under a memory plan: the UNet as stored plus its activations for half the
+    plan's CFG batch (one branch). None without a sized plan (nothing to check against)."""
+    components = getattr(plan, "components", None)
+    if not components or getattr(plan, "sizes", None) is None:
+        return None
+    unet = sum(c.bytes for c in components if c.role == "denoiser")
+    half = estimate_activations(plan.sizes, dataclasses.replace(plan.request, cfg=False)).denoise
+    return unet + half
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Free memory on a CUDA device (None elsewhere: CPU memory is the host's, checked by the memory plan)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def copy_blocker(plan: Any, device: torch.device) -> str | None:
+    """Why the second device has no room for the UNet copy and one branch's activations, or None. The memory plan
+    sizes the engine's device only; the copy's device is checked here, before anything is copied."""
+    need = copy_need_bytes(plan)
+    free = free_bytes(device) if need is not None else None
+    if need is None or free is None or need <= free:
+        return None
+    return (f"{device} has {format_bytes(free)} free; the UNet copy and one branch's activations at "
+            f"{plan.request.describe()} need {format_bytes(need)}")
+
+
 def apply_parallel_plan(ctx: PassContext) -> None:
     if ctx.config.parallel == "off":
         ctx.report.skipped(NAME, "disabled in config (parallel='off')")
@@ -140,6 +171,10 @@ def apply_parallel_plan(ctx: PassContext) -> None:
         if blocker.applies(ctx):
             ctx.report.skipped(NAME, f"cfg: {blocker.reason(ctx)} ({plan.reason})")
             return
+    no_room = copy_blocker(_memory_plan(ctx), devices[1])
+    if no_room:
+        ctx.report.skipped(NAME, f"cfg: {no_room} ({plan.reason})")
+        return
     from ..scaleout.cfg_parallel import attach_cfg_parallel
 
     compiled = plan_of(ctx).compile_kwargs() if ctx.state.get("compiled") else None
