@@ -720,6 +720,7 @@ class Engine:
         """The request's IP-Adapter resolved for this model: its state dict and CLIP image encoder (in the
         denoiser's compute dtype, on the device) cached per engine, so loading it into a job is cheap. The
         pipeline loads it for that job only (engine/pipelines/base.py)."""
+        from .compiler.layout import is_fused, quantized_projection
         from .loading.ip_adapter import check_ip_adapter_fits, resolve_ip_adapter
         from .pipelines.base import IPAdapterInput, module_dtype
 
@@ -732,8 +733,14 @@ class Engine:
             raise InvalidRequestError("ip_adapter", f"the {denoiser} of {request.model} runs as an exported "
                                       f"{slot.exported[denoiser]} graph, whose attention is fixed at export: it "
                                       "cannot take IP-Adapter image tokens; load it with backend='torch' for this")
-        source = resolve_ip_adapter(spec.model, family=family)
         unet = slot.loaded.components[denoiser]
+        stored = quantized_projection(unet) if is_fused(unet) else None
+        if stored:  # the pipeline splits fused q/k/v back for an IP-Adapter job: quantized storage does not split
+            raise InvalidRequestError("ip_adapter", f"the {denoiser} of {request.model} has fused q/k/v projections "
+                                      f"stored quantized ({stored}), which cannot be split back into the separate "
+                                      "projections an IP-Adapter needs: load it with compile_config={'fuse_qkv': "
+                                      "False} (or quant='none') for IP-Adapter requests")
+        source = resolve_ip_adapter(spec.model, family=family)
         check_ip_adapter_fits(source, unet)
         dtype = module_dtype(unet)
         cache = self.__dict__.setdefault("_ip_adapters", {})

@@ -299,3 +299,35 @@ def test_a_cached_controlnet_compiled_for_one_model_is_not_served_to_an_eager_on
         assert images_close(assets["controlnet"], got)[0]
     finally:
         eng.close()
+
+
+LOSSY = ("fp8+resident", "int8+model_offload", "fp8+group_offload")
+
+
+@pytest.mark.parametrize("rung", LOSSY)
+@pytest.mark.parametrize("level", ("O0", "O1"))
+def test_controlnet_and_ip_adapter_under_lossy_storage(assets, rung, level):
+    """Lossy memory plans store the model's weights as fp8/int8; a request's ControlNet and image encoder keep
+    their compute dtype (the planner counts them so) and are placed as the rung places the model. Each image is
+    held to stock diffusers in fp32 by PSNR (the lossy storage is the only difference) and still carries the
+    adjunct's effect (far from the same engine's plain image)."""
+    from engine.bench.quality import psnr
+
+    eng = Engine(device="cpu", opt_level=level, memory_plan=rung, allow_lossy_memory=True,
+                 compile_config={"dtype": "fp32"})
+    net = copy.deepcopy(assets["net"])
+    try:
+        plain = eng.generate(model="tiny-sdxl", **ARGS).images
+        assert eng.optimization_report("tiny-sdxl").memory_plan[0].startswith(f"memory plan: {rung} ")
+        requests = _requests(assets, net)
+        for feature in ("controlnet", "ip_adapter"):
+            got = eng.generate(model="tiny-sdxl", **ARGS, **requests[feature]).images
+            close, apart = psnr(got, assets[feature]), psnr(got, plain)
+            assert close > 35 and apart < close - 10, (feature, rung, level, close, apart)
+        encoder = next(iter(eng._ip_adapters.values()))[1]
+        placement_kind = KIND[rung.split("+", 1)[1]]
+        for module in (net, encoder):
+            assert _placed_as(module, rung.split("+", 1)[1]) == placement_kind, (type(module).__name__, rung)
+            assert all(p.dtype == torch.float32 for p in module.parameters()), type(module).__name__
+    finally:
+        eng.close()

@@ -176,3 +176,35 @@ def test_ip_adapter_on_an_exported_denoiser_is_a_422():
         run_engine(eng, "sd15", random_image(64, 64), 1.0, 64, 64, 1, seed=1)
     assert err.value.field == "ip_adapter" and "exported" in str(err.value)
     eng.close()
+
+
+def test_ip_adapter_on_quantized_weights(stock):
+    """The quant pass (O3 on a GPU; forced here) stores the UNet's linear weights as torchao int8. With fused q/k/v
+    an IP-Adapter request is a 422 naming the setting, raised before anything moves (the next plain request is the
+    image it was); with fuse_qkv off the adapter loads for its job beside the quantized projections, near stock."""
+    from engine.bench.quality import psnr
+
+    pytest.importorskip("torchao")
+    image = random_image(64, 64, seed=2)
+    kwargs = dict(model="tiny-sd15", prompt=PROMPT, num_inference_steps=STEPS, width=64, height=64, seed=3,
+                  guidance_scale=5.0)
+    theirs = run_stock(stock["sd15"], image, 1.0, 64, 64, 1, seed=3)
+    fused = Engine(device="cpu", opt_level="O1", compile_config={"dtype": "fp32", "quant": "int8_weight_only"})
+    try:
+        before = fused.generate(**kwargs).images
+        assert fused.optimization_report("tiny-sd15").status("fuse_qkv") == "applied"
+        with pytest.raises(InvalidRequestError) as err:
+            run_engine(fused, "sd15", image, 1.0, 64, 64, 1, seed=3)
+        assert err.value.field == "ip_adapter" and "fuse_qkv" in str(err.value) and "Int8Tensor" in str(err.value)
+        assert images_close(arrays(before), arrays(fused.generate(**kwargs).images), levels=0)[0]
+    finally:
+        fused.close()
+    separate = Engine(device="cpu", opt_level="O1",
+                      compile_config={"dtype": "fp32", "quant": "int8_weight_only", "fuse_qkv": False})
+    try:
+        plain = separate.generate(**kwargs).images
+        ours = run_engine(separate, "sd15", image, 1.0, 64, 64, 1, seed=3)
+        assert psnr(ours, theirs) > 30 and psnr(ours, theirs) > psnr(plain, theirs) + 10
+        assert images_close(arrays(plain), arrays(separate.generate(**kwargs).images), levels=0)[0]
+    finally:
+        separate.close()

@@ -156,8 +156,9 @@ def test_settings_an_offloading_plan_cannot_combine_with_are_dropped_and_reporte
     config = config_for_level("O3", backend="tensorrt", quant="int8_weight_only")
     fitted, dropped = fit_config_to_plan(config, SimpleNamespace(offloads=True, lossy=True, rung="fp8+group_offload",
                                                                  storage="fp8", placement="group_offload"))
-    assert (fitted.cuda_graphs, fitted.backend, fitted.quant, fitted.compile_fullgraph) == (False, "torch", "none", False)
-    assert [f for f, _ in dropped] == ["cuda_graphs", "backend", "quant", "compile_fullgraph"]
+    assert (fitted.cuda_graphs, fitted.backend, fitted.quant, fitted.fuse_qkv, fitted.compile_fullgraph) == \
+        (False, "torch", "none", False, False)
+    assert [f for f, _ in dropped] == ["cuda_graphs", "backend", "quant", "fuse_qkv", "compile_fullgraph"]
     swap = SimpleNamespace(offloads=True, lossy=False, rung="model_offload", storage="compute", placement="swap")
     assert [f for f, _ in fit_config_to_plan(config, swap)[1]] == ["cuda_graphs", "backend"]
     resident = SimpleNamespace(offloads=False, lossy=False, rung="resident", storage="compute")

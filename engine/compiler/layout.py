@@ -43,10 +43,11 @@ def apply_fuse_qkv(ctx: PassContext) -> None:
 
 
 def quantized_projection(model: torch.nn.Module) -> str | None:
-    """How the first attention projection whose weight is not a plain float tensor is stored (GGUF blocks, torchao
-    tensors), or None when every q/k/v weight is plain."""
+    """How the first attention projection (separate or fused) whose weight is not a plain float tensor is stored (GGUF
+    blocks, torchao tensors), or None when every q/k/v weight is plain."""
+    parts = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", *FUSED_GROUPS)
     for module in model.modules():
-        for part in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+        for part in parts:
             weight = getattr(getattr(module, part, None), "weight", None)
             if isinstance(weight, torch.Tensor) and not (
                     type(weight) in (torch.Tensor, torch.nn.Parameter) and weight.is_floating_point()):

@@ -7,6 +7,9 @@ and the report says which and why.
   module would free nothing; offloading plans keep the denoiser in PyTorch.
 - Lossy storage plans already store the weights as fp8/int8/nf4: quantizing them again in the quant pass would
   stack two roundings on the same weights.
+- Fused q/k/v projections under lossy storage: an IP-Adapter job splits them back into to_q/to_k/to_v and re-fuses
+  after; fp8/int8/nf4 weights do not split (torchao tensors have no split op; fp8 casting hooks sit on the fused
+  layer) or re-fuse (diffusers builds the fused Linear in the storage dtype). The lossy plans keep them separate.
 - Group offload's onload hooks sit inside the regionally compiled blocks and are excluded from tracing: the blocks
   compile with graph breaks allowed.
 """
@@ -36,6 +39,9 @@ RULES: tuple[PlanRule, ...] = (
              "plan offloads; the denoiser stays in PyTorch"),
     PlanRule("quant", lambda v: v != "none", lambda p: bool(getattr(p, "lossy", False)), "none",
              "dropped: the {rung} memory plan already stores the weights as {storage}"),
+    PlanRule("fuse_qkv", lambda v: v is True, lambda p: bool(getattr(p, "lossy", False)), False,
+             "dropped: the {rung} memory plan stores q/k/v as {storage}, which IP-Adapter jobs could not split back "
+             "out of a fused projection"),
     PlanRule("compile_fullgraph", lambda v: v is True, lambda p: getattr(p, "placement", "") == "group_offload", False,
              "fullgraph dropped: group offload onloads each block in a torch.compiler.disable()d hook inside the "
              "compiled blocks (a deliberate graph break, diffusers#11605)"),
