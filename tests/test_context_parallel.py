@@ -162,3 +162,15 @@ def test_the_pass_refuses_what_would_make_ranks_disagree():
         apply_parallel_plan(ctx)
         assert report.status("parallel") == "skipped" and words in report.details("parallel")[0]
         assert ctx.denoiser._parallel_config is None
+
+
+def test_engine_serve_under_torchrun_is_refused_with_the_alternatives(monkeypatch, capsys, tmp_path):
+    """Every torchrun rank would start its own server: `engine serve` says so and names what to use instead."""
+    pytest.importorskip("uvicorn")
+    from engine.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["serve", "--port", "0", "--state-dir", str(tmp_path / "state")]) == 2
+    err = capsys.readouterr().err
+    assert "torchrun" in err and "--replicas" in err and "generate --parallel" in err
+    assert not (tmp_path / "state").exists()  # refused before anything was opened

@@ -98,6 +98,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: `engine serve` needs the server extra ({e.name} is missing): pip install 'engine[server]'",
               file=sys.stderr)
         return 2
+    ranks = os.environ.get("WORLD_SIZE", "1")
+    if ranks.isdigit() and int(ranks) > 1:
+        print(f"error: `engine serve` does not run under torchrun (WORLD_SIZE={ranks}): every rank would start a "
+              "server of its own, while context parallelism needs every rank to run each request in step. For more "
+              "GPUs behind one server use `engine serve --replicas N` (CFG-parallel applies inside a replica that "
+              "sees 2 GPUs); for one FLUX request across GPUs, `torchrun ... -m engine.cli generate --parallel "
+              "context`", file=sys.stderr)
+        return 2
 
     from ..api import Engine
     from ..runtime.planner import engine_memory_kwargs
