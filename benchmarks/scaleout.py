@@ -98,6 +98,9 @@ def main() -> int:
     command = "python benchmarks/scaleout.py " + shlex.join(sys.argv[1:])
     levels = [int(c) for c in args.concurrency.split(",")]
     models = args.models.split(",")
+    apps = [app_for(m) for m in models]
+    if len(set(apps)) != len(apps):  # one endpoint serves one model per run
+        raise SystemExit(f"--models {args.models}: two models of one family share a fal app; run them separately")
     load_before = os.getloadavg()
     setups = [("1 replica", 1, None), ("2 replicas", 2, None),
               ("1 replica + batching", 1, BatchConfig(args.batch_size, args.batch_wait_ms / 1000)),

@@ -23,6 +23,7 @@ from .compiler import CompileConfig, OptimizationReport, optimize, resolve_confi
 from .compiler.compile import run_compiled
 from .compiler.dtype import dtype_policy
 from .errors import InsufficientMemoryError, InvalidRequestError, ModelNotFoundError, RefusedSourceError
+from .families import FAMILIES
 from .images import DEFAULT_MAX_PIXELS
 from .loading import LoadedModel, available_offline, caller_policy, load_model
 from .lora import LoraManager, resolve_lora
@@ -151,7 +152,6 @@ def _upscale_ids() -> list[str]:
     return sorted(k for k, s in registry().items() if s.family_spec.task == "upscale")
 
 
-_IP_ADAPTER_FAMILIES = ("sd15", "sdxl")  # FLUX IP-Adapters (XLabs layout): not yet
 
 
 def _adjuncts(params: GenerationParams) -> dict[str, torch.nn.Module]:
@@ -500,8 +500,8 @@ class Engine:
             if warning:
                 log.warning("%s", warning)
             with self._run_lock:
+                check_current_job()  # cancelled while waiting for the lock: no adapters, no placement moves
                 if self._slots.get(model) is slot:  # not evicted or replaced since it was looked up
-                    check_current_job()  # cancelled while waiting for the lock: no adapters, no placement moves
                     self._planner.set_vae_options(slot.loaded.components, plan)
                     if loras or slot.loras is not None:  # first: under an offload plan a change places the model
                         self._apply_loras(slot, loras)     # anew (new swap groups), which the adjuncts then join
@@ -513,6 +513,7 @@ class Engine:
                     if runner is not None:
                         return runner(slot.pipeline)
                     return run_compiled(slot.pipeline, params, step_callback)
+            check_current_job()  # before reloading the evicted model (which may evict others)
             slot = self._slot(model)
         raise InsufficientMemoryError(f"{model} was evicted three times while waiting to run: too many models "
                                       "compete for the device budget")
@@ -581,6 +582,7 @@ class Engine:
         slot = self._upscaler(request.model)
         seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
         with self._run_lock:
+            check_current_job()  # cancelled while another request held the engine
             out, timings = slot.pipeline.upscale(pixels, overlapping_tiles=request.overlapping_tiles, seed=seed,
                                                  shared_style=request.shared_style)
         return UpscaleResult(image=out, seed=seed, timings=timings, model=request.model,
@@ -726,9 +728,10 @@ class Engine:
 
         spec = request.ip_adapter
         family, denoiser = slot.loaded.family.name, slot.loaded.family.denoiser
-        if family not in _IP_ADAPTER_FAMILIES:
-            raise InvalidRequestError("ip_adapter", f"IP-Adapters are supported for "
-                                      f"{', '.join(_IP_ADAPTER_FAMILIES)} models, not yet for {family}")
+        if not slot.loaded.family.ip_adapter:  # FLUX IP-Adapters (XLabs layout): not yet
+            takers = ", ".join(name for name, spec in FAMILIES.items() if spec.ip_adapter)
+            raise InvalidRequestError("ip_adapter", f"IP-Adapters are supported for {takers} models, not yet for "
+                                      f"{family}")
         if denoiser in slot.exported:
             raise InvalidRequestError("ip_adapter", f"the {denoiser} of {request.model} runs as an exported "
                                       f"{slot.exported[denoiser]} graph, whose attention is fixed at export: it "

@@ -26,6 +26,8 @@ class FamilySpec:
     # FLUX Fill with masked-image and mask channels), which is also that variant's `_class_name` in model_index.json.
     controlnet_class: str = ""
     variant_pipelines: tuple[tuple[str, str], ...] = ()
+    # Whether a request may bring an IP-Adapter (diffusers' `load_ip_adapter`, loaded into the denoiser per job).
+    ip_adapter: bool = False
 
     def variant_pipeline(self, variant: str) -> str:
         """The stock diffusers class of `variant` ("" is the base model)."""
@@ -52,6 +54,7 @@ FAMILIES: dict[str, FamilySpec] = {
         uses_negative_prompt=True,
         controlnet_class="ControlNetModel",
         variant_pipelines=(("inpaint", "StableDiffusionInpaintPipeline"),),
+        ip_adapter=True,
     ),
     "sdxl": FamilySpec(
         name="sdxl",
@@ -66,6 +69,7 @@ FAMILIES: dict[str, FamilySpec] = {
         uses_negative_prompt=True,
         controlnet_class="ControlNetModel",
         variant_pipelines=(("inpaint", "StableDiffusionXLInpaintPipeline"),),
+        ip_adapter=True,
     ),
     "flux": FamilySpec(
         name="flux",

@@ -159,6 +159,11 @@ def test_settings_an_offloading_plan_cannot_combine_with_are_dropped_and_reporte
     assert (fitted.cuda_graphs, fitted.backend, fitted.quant, fitted.fuse_qkv, fitted.compile_fullgraph) == \
         (False, "torch", "none", False, False)
     assert [f for f, _ in dropped] == ["cuda_graphs", "backend", "quant", "fuse_qkv", "compile_fullgraph"]
+    flux = SimpleNamespace(offloads=False, lossy=True, rung="fp8+resident", storage="fp8", placement="resident",
+                           sizes=SimpleNamespace(family="flux"))  # no per-job IP-Adapters: q/k/v stay fused
+    assert [f for f, _ in fit_config_to_plan(config, flux)[1]] == ["quant"]
+    sdxl = SimpleNamespace(**{**vars(flux), "sizes": SimpleNamespace(family="sdxl")})
+    assert [f for f, _ in fit_config_to_plan(config, sdxl)[1]] == ["quant", "fuse_qkv"]
     swap = SimpleNamespace(offloads=True, lossy=False, rung="model_offload", storage="compute", placement="swap")
     assert [f for f, _ in fit_config_to_plan(config, swap)[1]] == ["cuda_graphs", "backend"]
     resident = SimpleNamespace(offloads=False, lossy=False, rung="resident", storage="compute")

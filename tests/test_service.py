@@ -505,3 +505,31 @@ def test_a_job_cancelled_while_waiting_for_the_engine_does_no_work(tmp_path):
             assert service.run(app, {"prompt": "after", "seed": 1, **SMALL})["images"]
     finally:
         engine.close()
+
+
+def test_an_upscale_cancelled_while_waiting_for_the_engine_does_not_run():
+    engine = Engine(device="cpu")
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 12), (200, 30, 30)).save(buf, format="PNG")
+    args = {"image_url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(), "seed": 1}
+    try:
+        with FalService(engine, endpoint_overrides=TINY, trusted=True) as service:
+            service.run("fal-ai/aura-sr", args)
+            slot = engine._upscalers["tiny-aura-sr"]
+            calls = []
+            real = slot.pipeline.upscale
+            slot.pipeline.upscale = lambda *a, **k: calls.append(1) or real(*a, **k)
+            with engine._run_lock:
+                handle = service.submit("fal-ai/aura-sr", args)
+                deadline = time.monotonic() + 30
+                while not isinstance(handle.status(), InProgress):
+                    assert time.monotonic() < deadline
+                    time.sleep(0.02)
+                time.sleep(0.2)
+                assert handle.cancel() == "requested"
+            with pytest.raises(errors.JobCancelledError):
+                handle.get(timeout=30)
+            assert calls == []
+            assert service.run("fal-ai/aura-sr", args)["image"]["width"] == 64 and calls == [1]
+    finally:
+        engine.close()

@@ -104,10 +104,12 @@ def copy_need_bytes(plan: Any) -> int | None:
 
 
 def free_bytes(device: torch.device) -> int | None:
-    """Free memory on a CUDA device (None elsewhere: CPU memory is the host's, checked by the memory plan)."""
+    """Memory a CUDA device can still give this process: free on the device plus what PyTorch's caching allocator
+    holds unused there (None off CUDA: CPU memory is the host's, checked by the memory plan)."""
     if device.type != "cuda":
         return None
-    return torch.cuda.mem_get_info(device)[0]
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return torch.cuda.mem_get_info(device)[0] + cached
 
 
 def copy_blocker(plan: Any, device: torch.device) -> str | None:

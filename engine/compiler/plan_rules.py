@@ -9,7 +9,8 @@ and the report says which and why.
   stack two roundings on the same weights.
 - Fused q/k/v projections under lossy storage: an IP-Adapter job splits them back into to_q/to_k/to_v and re-fuses
   after; fp8/int8/nf4 weights do not split (torchao tensors have no split op; fp8 casting hooks sit on the fused
-  layer) or re-fuse (diffusers builds the fused Linear in the storage dtype). The lossy plans keep them separate.
+  layer) or re-fuse (diffusers builds the fused Linear in the storage dtype). Lossy plans of families that take
+  IP-Adapters keep them separate.
 - Group offload's onload hooks sit inside the regionally compiled blocks and are excluded from tracing: the blocks
   compile with graph breaks allowed.
 """
@@ -19,7 +20,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..families import FAMILIES
 from .config import CompileConfig
+
+
+def _takes_ip_adapters(plan: Any) -> bool:
+    """Whether the planned model's family takes per-job IP-Adapters (unknown: assume it does)."""
+    family = getattr(getattr(plan, "sizes", None), "family", None)
+    return family not in FAMILIES or FAMILIES[family].ip_adapter
 
 
 @dataclass(frozen=True)
@@ -39,7 +47,8 @@ RULES: tuple[PlanRule, ...] = (
              "plan offloads; the denoiser stays in PyTorch"),
     PlanRule("quant", lambda v: v != "none", lambda p: bool(getattr(p, "lossy", False)), "none",
              "dropped: the {rung} memory plan already stores the weights as {storage}"),
-    PlanRule("fuse_qkv", lambda v: v is True, lambda p: bool(getattr(p, "lossy", False)), False,
+    PlanRule("fuse_qkv", lambda v: v is True, lambda p: bool(getattr(p, "lossy", False)) and _takes_ip_adapters(p),
+             False,
              "dropped: the {rung} memory plan stores q/k/v as {storage}, which IP-Adapter jobs could not split back "
              "out of a fused projection"),
     PlanRule("compile_fullgraph", lambda v: v is True, lambda p: getattr(p, "placement", "") == "group_offload", False,
