@@ -383,6 +383,36 @@ def test_ip_adapter_equals_unsplit(engines):
         assert stats.rebuilds == rebuilds, "an IP-Adapter job copied the UNet"
 
 
+@pytest.mark.parametrize("level", ["O0", "O1"])
+def test_out_of_memory_on_the_second_device_finishes_the_job_unsplit(engines, level):
+    """The copy's call raises torch.OutOfMemoryError (as a second GPU that filled up would): that half runs on the
+    first device, the image equals the unsplit engine's, the copy is dropped, the report says why, and later jobs
+    run unsplit without touching the engine's own memory ladder (the plan stays)."""
+    plain = engines(level)[0]
+    name, overrides = LEVELS[level]
+    split = Engine(device="cpu", opt_level=name, compile_config={**overrides, "parallel_devices": CPU2})
+    try:
+        model = "tiny-sdxl"
+        handle = handle_of(split, model)
+        plan_before = list(split.optimization_report(model).memory_plan)
+
+        def full(*args, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+
+        handle._run_replica = full
+        want = plain.generate(model=model, **KW, num_images=2).images
+        same(want, split.generate(model=model, **KW, num_images=2).images, f"{level} after the fallback")
+        assert handle.stats.fallbacks == 1 and handle.replica is None and "out of memory" in handle.disabled
+        report = split.optimization_report(model)
+        assert any("out of memory on cpu" in d and "unsplit" in d for d in report.details("parallel")), report
+        assert report.memory_plan == plan_before
+        splits = handle.stats.split_calls
+        same(want, split.generate(model=model, **KW, num_images=2).images, f"{level} unsplit from then on")
+        assert handle.stats.split_calls == splits and handle.stats.fallbacks == 1
+    finally:
+        split.close()
+
+
 def test_the_worker_runs_under_the_callers_modes():
     """Grad, inference and autocast modes are per thread: the copy's half runs under the caller's (a half without
     autocast would come back fp32 and promote the joined output)."""

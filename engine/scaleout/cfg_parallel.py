@@ -23,6 +23,11 @@ processors and scales come along, and regionally compiled blocks compiled again)
 interconnect per LoRA-set change; a stable set costs nothing. While `encoder_hid_proj` is not the one the copy was
 built with (an IP-Adapter job), calls run unsplit on the first device and nothing is copied: mirroring a per-job
 IP-Adapter would cost two whole-UNet copies per IP-Adapter job (one with it, one without for the next plain job).
+
+Out of memory on the second device (a larger request than the plan was sized for, another process on that GPU): the
+call's second half runs on the first device instead, the copy is dropped, and from then on the UNet runs unsplit on
+the first device (reported through `on_fallback`). The job finishes with the same numbers; the engine's own
+out-of-memory ladder, which shrinks the first device's plan, is not involved.
 """
 
 from __future__ import annotations
@@ -30,19 +35,23 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class CfgParallelStats:
     split_calls: int = 0  # UNet calls whose batch ran in two halves
-    unsplit_calls: int = 0  # odd batches, run on the first device alone
+    unsplit_calls: int = 0  # odd batches (or after a fallback), run on the first device alone
     rebuilds: int = 0  # copies of the UNet made for the second device (the first at attach)
+    fallbacks: int = 0  # second halves run on the first device after the second ran out of memory
     replica_threads: frozenset[int] = frozenset()  # threads the copy ran in (tests: not the caller's)
 
 
@@ -94,10 +103,12 @@ class CfgParallel:
     are compiled again with these (a compiled function stays bound to the module it was compiled from)."""
 
     def __init__(self, unet: torch.nn.Module, devices: tuple[torch.device, torch.device], *,
-                 compile_kwargs: dict[str, Any] | None = None):
+                 compile_kwargs: dict[str, Any] | None = None, on_fallback: Callable[[str], None] | None = None):
         self.unet = unet
         self.devices = devices
         self.compile_kwargs = compile_kwargs
+        self.on_fallback = on_fallback
+        self.disabled: str | None = None  # why the UNet now runs unsplit (the second device ran out of memory)
         self.adapters_key: Any = None  # set by the engine after it applies a request's LoRAs
         self.replica: torch.nn.Module | None = None
         self.stats = CfgParallelStats()
@@ -105,6 +116,7 @@ class CfgParallel:
         self._names = [n for n in inspect.signature(type(unet).forward).parameters if n != "self"]
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cfg-parallel")
         self._pending: Future | None = None
+        self._pending_call: dict[str, Any] | None = None  # the pending second half, on the first device
         self._handles: list[Any] = []
         self.rebuild()
         self._attach()
@@ -141,7 +153,7 @@ class CfgParallel:
         call = {**dict(zip(self._names, args)), **kwargs}
         sample = call.get("sample")
         batch = sample.shape[0] if isinstance(sample, torch.Tensor) and sample.ndim else 0
-        if batch < 2 or batch % 2:
+        if batch < 2 or batch % 2 or self.disabled:
             self.stats.unsplit_calls += 1
             return None
         if self._built_from is not None and self._fingerprint()[1] is not self._built_from[1]:
@@ -153,14 +165,37 @@ class CfgParallel:
         for name, value in call.items():
             first[name], second[name] = split_batch(value, batch)
         self._pending = self._executor.submit(self._run_replica, second, _ThreadModes.of_caller(self.devices[0]))
+        self._pending_call = second
         self.stats.split_calls += 1
         return (), first
 
     def _after(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         pending, self._pending = self._pending, None
+        call, self._pending_call = self._pending_call, None
         if pending is None:
             return None
-        return merge_outputs(output, pending.result())
+        try:
+            rest = pending.result()
+        except torch.OutOfMemoryError as e:
+            rest = self._second_half_here(module, call, e)
+        return merge_outputs(output, rest)
+
+    def _second_half_here(self, module: torch.nn.Module, call: dict[str, Any] | None, error: BaseException) -> Any:
+        """The second device ran out of memory: drop the copy, run this half on the first device, stay unsplit."""
+        first_line = (str(error).splitlines() or [type(error).__name__])[0]
+        self.disabled = (f"out of memory on {self.devices[1]} ({first_line}); the UNet runs unsplit on "
+                         f"{self.devices[0]} from now on")
+        self.replica, self._built_from = None, None
+        self.stats.fallbacks += 1
+        if self.devices[1].type == "cuda":
+            with torch.cuda.device(self.devices[1]):
+                torch.cuda.empty_cache()
+        log.warning("CFG-parallel: %s", self.disabled)
+        if self.on_fallback is not None:
+            self.on_fallback(self.disabled)
+        assert call is not None
+        with self._detached():
+            return module(**call)
 
     def _run_replica(self, call: dict[str, Any], modes: "_ThreadModes") -> Any:
         """In the worker thread, under the caller's grad, inference and autocast modes (each is per thread)."""
@@ -173,6 +208,7 @@ class CfgParallel:
 
     def _wait_pending(self) -> None:
         pending, self._pending = self._pending, None
+        self._pending_call = None
         if pending is not None:
             with contextlib.suppress(Exception):  # the call it belonged to already failed on the first device
                 pending.result()
@@ -246,6 +282,8 @@ def _move_loose_tensors(model: torch.nn.Module, device: torch.device) -> None:
 
 
 def attach_cfg_parallel(unet: torch.nn.Module, devices: tuple[torch.device, torch.device], *,
-                        compile_kwargs: dict[str, Any] | None = None) -> CfgParallel:
-    """Hook CFG-parallel onto `unet` (which stays on `devices[0]`); returns the handle (stats, `remove()`)."""
-    return CfgParallel(unet, devices, compile_kwargs=compile_kwargs)
+                        compile_kwargs: dict[str, Any] | None = None,
+                        on_fallback: Callable[[str], None] | None = None) -> CfgParallel:
+    """Hook CFG-parallel onto `unet` (which stays on `devices[0]`); returns the handle (stats, `remove()`).
+    `on_fallback(reason)` is told when the second device runs out of memory and the UNet goes unsplit."""
+    return CfgParallel(unet, devices, compile_kwargs=compile_kwargs, on_fallback=on_fallback)
