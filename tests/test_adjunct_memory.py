@@ -302,13 +302,22 @@ def test_a_cached_controlnet_compiled_for_one_model_is_not_served_to_an_eager_on
 
 
 LOSSY = ("fp8+resident", "int8+model_offload", "fp8+group_offload")
+LOSSY_O2_SAMPLE = ("fp8+resident",)  # where fp8's casting hooks meet compiled blocks (fullgraph dropped)
 
 
-@pytest.mark.parametrize("rung", LOSSY)
-@pytest.mark.parametrize("level", ("O0", "O1"))
+def _lossy_cells() -> list:
+    return [pytest.param(rung, level, id=f"{level}-{rung}",
+                         marks=[] if FULL or level != "O2" or rung in LOSSY_O2_SAMPLE
+                         else [pytest.mark.skip(reason="O2 cell outside the CI sample (compile time); "
+                                                       "ENGINE_FULL_MATRIX=1 runs it")])
+            for rung in LOSSY for level in LEVELS]
+
+
+@pytest.mark.parametrize("rung, level", _lossy_cells())
 def test_controlnet_and_ip_adapter_under_lossy_storage(assets, rung, level):
     """Lossy memory plans store the model's weights as fp8/int8; a request's ControlNet and image encoder keep
-    their compute dtype (the planner counts them so) and are placed as the rung places the model. Each image is
+    their compute dtype (the planner counts them so) and are placed as the rung places the model, at O0/O1/O2 (all
+    O2 cells passed when written; CI runs fp8+resident's). Each image is
     held to stock diffusers in fp32 by PSNR (the lossy storage is the only difference) and still carries the
     adjunct's effect (far from the same engine's plain image)."""
     from engine.bench.quality import psnr

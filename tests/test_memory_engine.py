@@ -160,10 +160,14 @@ def test_settings_an_offloading_plan_cannot_combine_with_are_dropped_and_reporte
         (False, "torch", "none", False, False)
     assert [f for f, _ in dropped] == ["cuda_graphs", "backend", "quant", "fuse_qkv", "compile_fullgraph"]
     flux = SimpleNamespace(offloads=False, lossy=True, rung="fp8+resident", storage="fp8", placement="resident",
-                           sizes=SimpleNamespace(family="flux"))  # no per-job IP-Adapters: q/k/v stay fused
-    assert [f for f, _ in fit_config_to_plan(config, flux)[1]] == ["quant"]
+                           sizes=SimpleNamespace(family="flux"))  # no per-job IP-Adapters: q/k/v stay fused;
+    # fp8 casts weights in per-layer hooks: no CUDA graphs, compiled with graph breaks
+    assert [f for f, _ in fit_config_to_plan(config, flux)[1]] == ["quant", "cuda_graphs", "compile_fullgraph"]
     sdxl = SimpleNamespace(**{**vars(flux), "sizes": SimpleNamespace(family="sdxl")})
-    assert [f for f, _ in fit_config_to_plan(config, sdxl)[1]] == ["quant", "fuse_qkv"]
+    assert [f for f, _ in fit_config_to_plan(config, sdxl)[1]] == ["quant", "fuse_qkv", "cuda_graphs",
+                                                                    "compile_fullgraph"]
+    int8 = SimpleNamespace(**{**vars(sdxl), "storage": "int8", "rung": "int8+resident"})
+    assert [f for f, _ in fit_config_to_plan(config, int8)[1]] == ["quant", "fuse_qkv"]
     swap = SimpleNamespace(offloads=True, lossy=False, rung="model_offload", storage="compute", placement="swap")
     assert [f for f, _ in fit_config_to_plan(config, swap)[1]] == ["cuda_graphs", "backend"]
     resident = SimpleNamespace(offloads=False, lossy=False, rung="resident", storage="compute")

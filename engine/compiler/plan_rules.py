@@ -11,6 +11,9 @@ and the report says which and why.
   after; fp8/int8/nf4 weights do not split (torchao tensors have no split op; fp8 casting hooks sit on the fused
   layer) or re-fuse (diffusers builds the fused Linear in the storage dtype). Lossy plans of families that take
   IP-Adapters keep them separate.
+- fp8 storage (diffusers layerwise casting) casts each layer's weights up and back in its pre/post-forward hooks
+  with `module.to`, which builds new Parameters: dynamo graph-breaks there, so the blocks compile with breaks allowed,
+  and no CUDA graph is captured (the cast weights are new tensors on every call).
 - Group offload's onload hooks sit inside the regionally compiled blocks and are excluded from tracing: the blocks
   compile with graph breaks allowed.
 """
@@ -28,6 +31,10 @@ def _takes_ip_adapters(plan: Any) -> bool:
     """Whether the planned model's family takes per-job IP-Adapters (unknown: assume it does)."""
     family = getattr(getattr(plan, "sizes", None), "family", None)
     return family not in FAMILIES or FAMILIES[family].ip_adapter
+
+
+def _fp8_storage(plan: Any) -> bool:
+    return bool(getattr(plan, "lossy", False)) and getattr(plan, "storage", "") == "fp8"
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,12 @@ RULES: tuple[PlanRule, ...] = (
     PlanRule("compile_fullgraph", lambda v: v is True, lambda p: getattr(p, "placement", "") == "group_offload", False,
              "fullgraph dropped: group offload onloads each block in a torch.compiler.disable()d hook inside the "
              "compiled blocks (a deliberate graph break, diffusers#11605)"),
+    PlanRule("cuda_graphs", lambda v: v is not False, _fp8_storage, False,
+             "dropped: the {rung} memory plan casts each layer's weights into new tensors on every call, which a "
+             "CUDA-graph replay of fixed addresses cannot follow"),
+    PlanRule("compile_fullgraph", lambda v: v is True, _fp8_storage, False,
+             "fullgraph dropped: fp8 storage re-casts each layer's weights in a pre-forward hook (layerwise casting's "
+             "module.to builds new Parameters), which dynamo cannot trace into one graph"),
 )
 
 
@@ -63,8 +76,8 @@ def fit_config_to_plan(config: CompileConfig, plan: Any) -> tuple[CompileConfig,
         return config, []
     changes: dict[str, Any] = {}
     dropped: list[tuple[str, str]] = []
-    for rule in RULES:
-        if rule.conflicts(getattr(config, rule.field)) and rule.applies(plan):
+    for rule in RULES:  # the first rule that drops a field gives its reason
+        if rule.field not in changes and rule.conflicts(getattr(config, rule.field)) and rule.applies(plan):
             changes[rule.field] = rule.replacement
             dropped.append((rule.field, rule.reason.format(rung=getattr(plan, "rung", "?"),
                                                            storage=getattr(plan, "storage", "?"))))
