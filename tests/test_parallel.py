@@ -383,8 +383,13 @@ def test_ip_adapter_equals_unsplit(engines):
         assert stats.rebuilds == rebuilds, "an IP-Adapter job copied the UNet"
 
 
-@pytest.mark.parametrize("level", ["O0", "O1"])
-def test_out_of_memory_on_the_second_device_finishes_the_job_unsplit(engines, level):
+_OOM = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+_KERNEL_OOM = RuntimeError("CUDA error: out of memory")  # a kernel's (cuBLAS, cuDNN workspace), not the allocator's
+
+
+@pytest.mark.parametrize("level, error", [("O0", _OOM), ("O1", _OOM), ("O1", _KERNEL_OOM), ("O2", _OOM)],
+                         ids=["O0", "O1", "O1-kernel", "O2"])
+def test_out_of_memory_on_the_second_device_finishes_the_job_unsplit(engines, level, error):
     """The copy's call raises torch.OutOfMemoryError (as a second GPU that filled up would): that half runs on the
     first device, the image equals the unsplit engine's, the copy is dropped, the report says why, and later jobs
     run unsplit without touching the engine's own memory ladder (the plan stays)."""
@@ -397,18 +402,37 @@ def test_out_of_memory_on_the_second_device_finishes_the_job_unsplit(engines, le
         plan_before = list(split.optimization_report(model).memory_plan)
 
         def full(*args, **kwargs):
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+            raise error
 
         handle._run_replica = full
         want = plain.generate(model=model, **KW, num_images=2).images
         same(want, split.generate(model=model, **KW, num_images=2).images, f"{level} after the fallback")
         assert handle.stats.fallbacks == 1 and handle.replica is None and "out of memory" in handle.disabled
         report = split.optimization_report(model)
-        assert any("out of memory on cpu" in d and "unsplit" in d for d in report.details("parallel")), report
+        assert report.status("parallel") == "skipped", report  # the entry says it was applied, and why no longer
+        assert any("out of memory on cpu" in d and "unsplit" in d and "was:" in d
+                   for d in report.details("parallel")), report
         assert report.memory_plan == plan_before
         splits = handle.stats.split_calls
         same(want, split.generate(model=model, **KW, num_images=2).images, f"{level} unsplit from then on")
         assert handle.stats.split_calls == splits and handle.stats.fallbacks == 1
+    finally:
+        split.close()
+
+
+def test_other_errors_of_the_second_device_are_raised():
+    """Only out-of-memory falls back; any other failure of the copy's call fails the job as it would unsplit."""
+    split = Engine(device="cpu", opt_level="O0", compile_config={"parallel_devices": CPU2})
+    try:
+        handle = handle_of(split, "tiny-sdxl")
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        handle._run_replica = broken
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            split.generate(model="tiny-sdxl", **KW, num_images=2)
+        assert handle.stats.fallbacks == 0 and handle.disabled is None
     finally:
         split.close()
 

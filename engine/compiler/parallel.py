@@ -183,7 +183,7 @@ def apply_parallel_plan(ctx: PassContext) -> None:
     try:
         report = ctx.report
         runner = attach_cfg_parallel(model, devices, compile_kwargs=compiled,
-                                     on_fallback=lambda why: report.skipped(NAME, f"cfg: {why}"))
+                                     on_fallback=lambda why: report.withdraw(NAME, f"cfg: {why}"))
     except torch.OutOfMemoryError as e:
         ctx.report.skipped(NAME, f"cfg: no room for the UNet copy on {devices[1]} ({str(e).splitlines()[0]})")
         return

@@ -27,6 +27,13 @@ class OptimizationReport:
     def skipped(self, name: str, reason: str) -> None:
         self.results.append(PassResult(name, "skipped", reason))
 
+    def withdraw(self, name: str, reason: str) -> None:
+        """A pass that stopped applying after load (e.g. CFG-parallel after the second GPU ran out of memory): its
+        entries become one skipped entry that keeps what it had applied."""
+        before = "; ".join(r.detail for r in self.results if r.name == name)
+        kept = [r for r in self.results if r.name != name]
+        self.results = kept + [PassResult(name, "skipped", f"{reason} (was: {before})" if before else reason)]
+
     def status(self, name: str) -> str | None:
         """"applied" if any result of pass `name` applied, else "skipped" if one was recorded, else None."""
         found = [r for r in self.results if r.name == name]

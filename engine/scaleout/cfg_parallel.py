@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import inspect
 import logging
 import threading
@@ -42,6 +43,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
+
+from ..runtime.planner import is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -174,20 +177,27 @@ class CfgParallel:
         call, self._pending_call = self._pending_call, None
         if pending is None:
             return None
+        failure = None
         try:
             rest = pending.result()
-        except torch.OutOfMemoryError as e:
-            rest = self._second_half_here(module, call, e)
-        return merge_outputs(output, rest)
+        except Exception as e:  # noqa: BLE001 - only out-of-memory is handled here; the rest is re-raised
+            if not is_out_of_memory(e):
+                raise
+            failure = (str(e).splitlines() or [type(e).__name__])[0]
+        # outside the except block: the error's traceback (the copy's frames and activations) is released by now
+        if failure is None:
+            return merge_outputs(output, rest)
+        del pending
+        return merge_outputs(output, self._second_half_here(module, call, failure))
 
-    def _second_half_here(self, module: torch.nn.Module, call: dict[str, Any] | None, error: BaseException) -> Any:
+    def _second_half_here(self, module: torch.nn.Module, call: dict[str, Any] | None, failure: str) -> Any:
         """The second device ran out of memory: drop the copy, run this half on the first device, stay unsplit."""
-        first_line = (str(error).splitlines() or [type(error).__name__])[0]
-        self.disabled = (f"out of memory on {self.devices[1]} ({first_line}); the UNet runs unsplit on "
+        self.disabled = (f"out of memory on {self.devices[1]} ({failure}); the UNet runs unsplit on "
                          f"{self.devices[0]} from now on")
         self.replica, self._built_from = None, None
         self.stats.fallbacks += 1
-        if self.devices[1].type == "cuda":
+        gc.collect()
+        if self.devices[1].type == "cuda":  # the copy's memory back to the device, not kept in this process's cache
             with torch.cuda.device(self.devices[1]):
                 torch.cuda.empty_cache()
         log.warning("CFG-parallel: %s", self.disabled)
