@@ -153,7 +153,6 @@ def _upscale_ids() -> list[str]:
 
 
 
-
 def _adjuncts(params: GenerationParams) -> dict[str, torch.nn.Module]:
     """The modules a job brings beside the model's, by the names the memory plan sizes and places them under."""
     out = {("controlnet" if i == 0 else f"controlnet_{i}"): c.model for i, c in enumerate(params.controls)}
@@ -729,7 +728,7 @@ class Engine:
         spec = request.ip_adapter
         family, denoiser = slot.loaded.family.name, slot.loaded.family.denoiser
         if not slot.loaded.family.ip_adapter:  # FLUX IP-Adapters (XLabs layout): not yet
-            takers = ", ".join(name for name, spec in FAMILIES.items() if spec.ip_adapter)
+            takers = ", ".join(name for name, fam in FAMILIES.items() if fam.ip_adapter)
             raise InvalidRequestError("ip_adapter", f"IP-Adapters are supported for {takers} models, not yet for "
                                       f"{family}")
         if denoiser in slot.exported:
